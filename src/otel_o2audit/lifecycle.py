@@ -1,0 +1,119 @@
+"""Publishing what is pending when the process ends, including the exits that bypass ``atexit``.
+
+Three hooks, all installed by :func:`otel_o2audit.install` and idempotent:
+
+* ``atexit``: a normal interpreter exit shuts every live processor down (also when the TracerProvider was
+  built with ``shutdown_on_exit=False``).
+* SIGTERM/SIGINT handlers that flush, then chain to whatever handler was there before. uvicorn restores
+  the handlers it found and re-raises the signal after its graceful shutdown; with the default action that
+  kills the process without ``atexit``, so when the previous handler is the default our handler shuts the
+  processors down first, then re-raises with the default action (the exit status stays "killed by signal").
+* uvicorn's ``Server.shutdown``: gunicorn's ``UvicornWorker`` resets signal handlers after the fork, and an
+  application that calls ``install()`` at import time runs inside uvicorn's signal capture; in both cases
+  our handler never runs. Wrapping ``Server.shutdown`` (when uvicorn is installed) flushes after uvicorn has
+  drained its connections and before it re-raises the signal.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import importlib.util
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any, Callable, Dict, Optional, Union
+
+from .processor import live_processors
+
+__all__ = ["flush_all", "install_hooks", "shutdown_all"]
+
+_logger = logging.getLogger("otel_o2audit")
+_lock = threading.Lock()
+_state: Dict[str, bool] = {}
+_previous: Dict[int, Any] = {}
+_Handler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
+
+
+def flush_all(reason: str) -> None:
+    """Publish everything pending in every live processor, each within its shutdown timeout."""
+    for processor in live_processors():
+        try:
+            timeout = processor.exporter.config.shutdown_timeout
+            if not processor.force_flush(int(timeout * 1000)):
+                _logger.warning("otel-o2audit: flush on %s did not complete within %.1fs", reason, timeout)
+        except Exception:
+            _logger.exception("otel-o2audit: flush on %s failed", reason)
+
+
+def shutdown_all(reason: str) -> None:
+    """Publish what is pending and stop every live processor."""
+    for processor in live_processors():
+        try:
+            processor.shutdown()
+        except Exception:
+            _logger.exception("otel-o2audit: shutdown on %s failed", reason)
+
+
+def _on_signal(signum: int, frame: Optional[FrameType]) -> None:
+    previous = _previous.get(signum, signal.SIG_DFL)
+    name = signal.Signals(signum).name
+    if previous is signal.SIG_IGN:
+        return
+    if previous is signal.SIG_DFL or previous is None:
+        # The default action ends the process without atexit: publish everything now.
+        shutdown_all(name)
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+        return
+    flush_all(name)
+    if callable(previous):
+        previous(signum, frame)
+
+
+def _install_signal_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        _logger.debug("otel-o2audit: not on the main thread; signal handlers not installed")
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(signum)
+        if current is _on_signal:
+            continue
+        _previous[signum] = current
+        signal.signal(signum, _on_signal)
+
+
+def _wrap_uvicorn_shutdown() -> None:
+    if importlib.util.find_spec("uvicorn") is None:
+        return
+    try:
+        from uvicorn.server import Server
+    except Exception:
+        _logger.debug("otel-o2audit: uvicorn not importable; no server shutdown hook", exc_info=True)
+        return
+    original = getattr(Server, "shutdown", None)
+    if original is None or getattr(original, "_otel_o2audit", False):
+        return
+
+    @functools.wraps(original)
+    async def shutdown(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(self, *args, **kwargs)
+        finally:
+            flush_all("uvicorn shutdown")
+
+    shutdown._otel_o2audit = True  # type: ignore[attr-defined]
+    Server.shutdown = shutdown  # type: ignore[method-assign]
+
+
+def install_hooks() -> None:
+    """Install the exit hooks once per process (signal handlers only from the main thread)."""
+    with _lock:
+        if not _state.get("atexit"):
+            atexit.register(shutdown_all, "interpreter exit")
+            _state["atexit"] = True
+        if not _state.get("uvicorn"):
+            _wrap_uvicorn_shutdown()
+            _state["uvicorn"] = True
+        _install_signal_handlers()
