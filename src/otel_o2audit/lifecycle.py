@@ -16,12 +16,14 @@ Three hooks, all installed by :func:`otel_o2audit.install` and idempotent:
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import importlib.util
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any, Callable, Dict, Optional, Union
 
@@ -36,23 +38,36 @@ _previous: Dict[int, Any] = {}
 _Handler = Union[Callable[[int, Optional[FrameType]], Any], int, None]
 
 
+# One shutdown budget per exit: the hooks of one exit (uvicorn's shutdown, then the re-raised signal) share
+# O2_AUDIT_SHUTDOWN_TIMEOUT instead of each waiting for all of it.
+_exit_started: Dict[str, float] = {}
+
+
+def _remaining(timeout: float) -> float:
+    now = time.monotonic()
+    started = _exit_started.get("at")
+    if started is None or now - started > timeout + 1.0:
+        started = _exit_started["at"] = now  # a new exit sequence
+    return max(0.0, started + timeout - now)
+
+
 def flush_all(reason: str) -> None:
-    """Publish everything pending in every live processor, each within its shutdown timeout."""
+    """Publish everything pending in every live processor, within this exit's shutdown budget."""
     for processor in live_processors():
         try:
-            timeout = processor.exporter.config.shutdown_timeout
+            timeout = _remaining(processor.exporter.config.shutdown_timeout)
             if not processor.force_flush(int(timeout * 1000)):
                 _logger.warning("otel-o2audit: flush on %s did not complete within %.1fs", reason, timeout)
-        except Exception:
+        except Exception:  # a shutdown hook must not raise
             _logger.exception("otel-o2audit: flush on %s failed", reason)
 
 
 def shutdown_all(reason: str) -> None:
-    """Publish what is pending and stop every live processor."""
+    """Publish what is pending and stop every live processor, within this exit's shutdown budget."""
     for processor in live_processors():
         try:
-            processor.shutdown()
-        except Exception:
+            processor.shutdown(_remaining(processor.exporter.config.shutdown_timeout) * 1000)
+        except Exception:  # a shutdown hook must not raise
             _logger.exception("otel-o2audit: shutdown on %s failed", reason)
 
 
@@ -101,7 +116,8 @@ def _wrap_uvicorn_shutdown() -> None:
         try:
             return await original(self, *args, **kwargs)
         finally:
-            flush_all("uvicorn shutdown")
+            # Off the event loop: the flush may wait for the sink.
+            await asyncio.to_thread(flush_all, "uvicorn shutdown")
 
     shutdown._otel_o2audit = True  # type: ignore[attr-defined]
     Server.shutdown = shutdown  # type: ignore[method-assign]

@@ -218,7 +218,11 @@ class O2AuditSpanProcessor(SpanProcessor):
 
     def _cycle(self) -> bool:
         """One wake-up of the worker; True when it should exit."""
-        self._event.wait(self._sleep_time())
+        # Drain before sleeping: spans queued while the last publish ran must start their clock now.
+        self._drain()
+        self._wake_at = max(1, self._batch_size - len(self._pending))
+        if len(self._pending) < self._batch_size:
+            self._event.wait(self._sleep_time())
         # Order matters: clear the flags, then drain, so a span appended after the drain wakes us again.
         self._woken = False
         self._event.clear()
@@ -235,15 +239,19 @@ class O2AuditSpanProcessor(SpanProcessor):
                 flush.done.set()
             return True
         while len(self._pending) >= self._batch_size:
-            self._publish(self._batch_size, now + self._exporter.config.retry_max_elapsed)
+            self._publish(self._batch_size, self._deadline(now))
         if self._pending and self._oldest_age() >= self._interval:
-            self._publish_all(now + self._exporter.config.retry_max_elapsed)
+            self._publish_all(self._deadline(now))
         for flush in flushes:
-            self._drain()
             flush.ok = self._publish_all(flush.deadline)
             flush.done.set()
-        self._wake_at = max(1, self._batch_size - len(self._pending))
         return False
+
+    def _deadline(self, now: float) -> float:
+        # A batch may be retried for the retry window, but never past a shutdown deadline.
+        deadline = now + self._exporter.config.retry_max_elapsed
+        stopping = self._stopping
+        return deadline if stopping is None else min(deadline, stopping)
 
     def _sleep_time(self) -> float:
         if not self._pending:

@@ -1,0 +1,1 @@
+"""Example FastAPI service audited by otel-o2audit (see README.md in this directory)."""

@@ -1,0 +1,36 @@
+"""The example app with explicit (code) setup, for services that configure OpenTelemetry themselves.
+
+Run:  uvicorn examples.fastapi_app.code_setup:app --port 8000
+Records go to $O2_AUDIT_ENDPOINT, or to /tmp/o2audit-example.jsonl when it is unset. Do not also run this
+module under ``opentelemetry-instrument``: the app would be instrumented (and audited) twice.
+"""
+
+import os
+
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+
+import otel_o2audit
+
+from .app import app
+
+# service.name becomes every record's service_name. Spans still go to your usual exporters if you add them
+# to this provider; auditing needs none.
+provider = TracerProvider(resource=Resource.create({"service.name": "dashboards-api"}))
+
+# Audit the SERVER spans of this provider. Keywords take precedence over the O2_AUDIT_* environment; a bad
+# value raises otel_o2audit.ConfigError here, at import time, rather than at the first request.
+otel_o2audit.install(
+    provider,
+    endpoint=os.environ.get("O2_AUDIT_ENDPOINT", "file:///tmp/o2audit-example.jsonl"),
+)
+
+# The instrumentation creates the SERVER spans. Passing the provider (instead of setting it globally) keeps
+# this app's audit trail independent of whatever else runs in the process.
+FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+
+# Nothing to do at shutdown: install() also publishes pending records at interpreter exit and on
+# SIGTERM/SIGINT (uvicorn re-raises SIGTERM after its graceful shutdown, which would skip atexit).
+
+__all__ = ["app"]
