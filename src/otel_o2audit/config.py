@@ -7,12 +7,13 @@ never echoed.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
-from urllib.parse import quote, urlsplit
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from urllib.parse import quote, unquote, urlsplit
 
 from .redact import DEFAULT_SENSITIVE_NAMES, Redactor
 from .routes import (
@@ -146,20 +147,27 @@ def _as_names(value: Any, env: str) -> Tuple[str, ...]:
     return tuple(_as_list(value))
 
 
+def _shown_url(text: str) -> str:
+    # An endpoint may carry credentials or tokens: show it only when it plainly cannot.
+    if "@" in text:
+        return "<hidden: the value contains '@' and may hold credentials>"
+    return repr(text.split("?", 1)[0].split("#", 1)[0])
+
+
 def _as_endpoint(value: Any, env: str) -> Optional[str]:
     text = _as_optional_str(value, env)
     if text is None:
         return None
+    shown = _shown_url(text)
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise ValueError(f"{env}={text!r}: a file endpoint is file:///absolute/path/audit.jsonl")
+            raise ValueError(f"{env}={shown}: a file endpoint is file:///absolute/path/audit.jsonl")
         if parts.path.endswith("/"):
-            raise ValueError(f"{env}={text!r}: a file endpoint must name a file, not a directory")
-        return f"file://{parts.path}"
+            raise ValueError(f"{env}={shown}: a file endpoint must name a file, not a directory")
+        return f"file://{unquote(parts.path)}"
     if scheme not in ("http", "https"):
-        shown = f"{scheme}://..." if scheme else repr(text)
         raise ValueError(f"{env}={shown}: unknown scheme; use http://, https:// or file://")
     if parts.username is not None or parts.password is not None:
         # Never echo the value: it holds credentials.
@@ -167,14 +175,81 @@ def _as_endpoint(value: Any, env: str) -> Optional[str]:
             f"{env}: credentials must not be embedded in the URL; use O2_AUDIT_USER and O2_AUDIT_PASSWORD"
         )
     if not parts.hostname:
-        raise ValueError(f"{env}={text!r}: the URL has no host")
+        raise ValueError(f"{env}={shown}: the URL has no host")
     try:
         parts.port  # noqa: B018 - urlsplit validates the port lazily
     except ValueError:
-        raise ValueError(f"{env}={text!r}: the port is not valid") from None
+        raise ValueError(f"{env}={shown}: the port is not valid") from None
     if parts.query or parts.fragment:
-        raise ValueError(f"{env}={text!r}: the URL must not have a query or fragment")
+        raise ValueError(f"{env}={shown}: the URL must not have a query or fragment")
     return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+_HEADER_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+def _as_nonnegative_float(value: Any, env: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{env}={value!r} is not a number of seconds")
+    try:
+        number = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+    except ValueError:
+        raise ValueError(f"{env}={value!r} is not a number of seconds") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{env}={value!r} must be zero or a positive number of seconds")
+    return number
+
+
+def _as_choice(*choices: str) -> Callable[[Any, str], Optional[str]]:
+    def parse(value: Any, env: str) -> Optional[str]:
+        text = _as_optional_str(value, env)
+        if text is None:
+            return None
+        if text.lower() not in choices:
+            raise ValueError(f"{env}={value!r} must be one of {', '.join(choices)}")
+        return text.lower()
+
+    return parse
+
+
+def _as_readable_file(value: Any, env: str) -> Optional[str]:
+    text = _as_optional_str(value, env)
+    if text is None:
+        return None
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise ValueError(f"{env}={text!r} is not a readable file")
+    return text
+
+
+def _as_directory(value: Any, env: str) -> Optional[str]:
+    text = _as_optional_str(value, env)
+    if text is None:
+        return None
+    if not os.path.isabs(text):
+        raise ValueError(f"{env}={text!r} must be an absolute path")
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise ValueError(f"{env}={text!r} exists and is not a directory")
+    return text
+
+
+def _as_networks(value: Any, env: str) -> Tuple[Network, ...]:
+    networks = []
+    for entry in _as_list(value):
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"{env}: {entry!r} is not an IP address or CIDR range") from None
+    return tuple(networks)
+
+
+def _as_header_name(value: Any, env: str) -> Optional[str]:
+    text = _as_optional_str(value, env)
+    if text is None:
+        return None
+    if not _HEADER_RE.fullmatch(text):
+        raise ValueError(f"{env}={value!r} is not a valid HTTP header name")
+    return text.lower()
 
 
 _VARS: Tuple[_Var, ...] = (
@@ -207,6 +282,24 @@ _VARS: Tuple[_Var, ...] = (
     ),
     _Var("O2_AUDIT_REDACT", "redact", _as_names, "", "extra sensitive names"),
     _Var("O2_AUDIT_REQUIRED", "required", _as_bool, False, "fail start-up on a configuration error"),
+    # Delivery guarantees.
+    _Var("O2_AUDIT_SPOOL_DIR", "spool_dir", _as_directory, None, "durable on-disk spool"),
+    _Var("O2_AUDIT_SPOOL_MAX_BYTES", "spool_max_bytes", _as_positive_int, 1024**3, "spool disk budget"),
+    _Var("O2_AUDIT_SPOOL_FSYNC_INTERVAL", "spool_fsync_interval", _as_nonnegative_float, 1.0, "fsync cadence"),
+    _Var("O2_AUDIT_MAX_RECORD_AGE", "max_record_age", _as_positive_float, 5 * 3600.0, "ingestion window"),
+    _Var("O2_AUDIT_OVERFLOW", "overflow", _as_choice("spool", "drop", "block"), None, "full-queue policy"),
+    _Var("O2_AUDIT_BLOCK_TIMEOUT", "block_timeout", _as_nonnegative_float, 1.0, "overflow=block wait"),
+    # Trustworthy records.
+    _Var("O2_AUDIT_TRUSTED_PROXIES", "trusted_proxies", _as_networks, "", "proxies allowed to forward"),
+    _Var("O2_AUDIT_USER_HEADER", "user_header", _as_header_name, None, "identity header of a trusted proxy"),
+    _Var("O2_AUDIT_CAPTURE_BODY", "capture_body", _as_bool, False, "store redacted request bodies"),
+    _Var("O2_AUDIT_MAX_BODY_BYTES", "max_body_bytes", _as_positive_int, 8192, "body bytes stored"),
+    _Var("O2_AUDIT_CA_BUNDLE", "ca_bundle", _as_readable_file, None, "CA bundle for TLS verification"),
+    _Var("O2_AUDIT_CLIENT_CERT", "client_cert", _as_readable_file, None, "client certificate (mTLS)"),
+    _Var("O2_AUDIT_CLIENT_KEY", "client_key", _as_readable_file, None, "client private key (mTLS)"),
+    _Var("O2_AUDIT_PASSWORD_FILE", "password_file", _as_readable_file, None, "file holding the password"),
+    _Var("O2_AUDIT_HMAC_KEY", "hmac_key", _as_secret, None, "tamper-evidence key"),
+    _Var("O2_AUDIT_HMAC_KEY_FILE", "hmac_key_file", _as_readable_file, None, "file holding the HMAC key"),
 )
 
 ENV_VARS: Dict[str, str] = {v.field_name: v.env for v in _VARS}
@@ -233,6 +326,27 @@ class O2AuditConfig:
     ingestion_routes: Tuple[RoutePattern, ...] = field(default=(), repr=False)
     redact: Tuple[str, ...] = ()
     required: bool = False
+    spool_dir: Optional[str] = None
+    spool_max_bytes: int = 1024**3
+    spool_fsync_interval: float = 1.0
+    max_record_age: float = 5 * 3600.0
+    overflow: Optional[str] = None
+    block_timeout: float = 1.0
+    trusted_proxies: Tuple[Network, ...] = ()
+    user_header: Optional[str] = None
+    capture_body: bool = False
+    max_body_bytes: int = 8192
+    ca_bundle: Optional[str] = None
+    client_cert: Optional[str] = None
+    client_key: Optional[str] = None
+    password_file: Optional[str] = None
+    hmac_key: Optional[Secret] = field(default=None, repr=False)
+    hmac_key_file: Optional[str] = None
+
+    @property
+    def overflow_policy(self) -> str:
+        """``O2_AUDIT_OVERFLOW``, or its default: ``spool`` with a spool directory, else ``drop``."""
+        return self.overflow or ("spool" if self.spool_dir else "drop")
 
     @classmethod
     def from_env(
@@ -253,7 +367,7 @@ class O2AuditConfig:
         for var in _VARS:
             if var.field_name in overrides and overrides[var.field_name] is not None:
                 raw, name = overrides[var.field_name], f"{var.field_name} (keyword)"
-                if var.field_name == "password":
+                if var.field_name in ("password", "hmac_key"):
                     name = var.field_name
             elif var.env in env and env[var.env].strip() != "":
                 raw, name = env[var.env], var.env
@@ -263,8 +377,8 @@ class O2AuditConfig:
                 values[var.field_name] = var.parse(raw, name)
             except ValueError as exc:
                 errors.append(str(exc))
-        if not errors:
-            errors.extend(_cross_check(values, require_endpoint))
+        errors.extend(_load_secret_files(values))
+        errors.extend(_cross_check(values, require_endpoint))
         if errors:
             raise ConfigError("invalid otel-o2audit configuration:\n  - " + "\n  - ".join(errors))
         return cls(**values)
@@ -295,27 +409,76 @@ class O2AuditConfig:
         out: Dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "password":
+            if f.name in ("password", "hmac_key"):
                 value = "***" if value else None
+            elif f.name == "trusted_proxies":
+                value = [str(n) for n in value]
             elif f.name.endswith("_routes"):
                 value = [p.text for p in value]
             out[f.name] = value
         return out
 
 
-def _cross_check(values: Mapping[str, Any], require_endpoint: bool) -> List[str]:
+def _read_secret_file(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    # Secret mounts and `echo` leave a trailing newline that is not part of the secret.
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def _load_secret_files(values: Dict[str, Any]) -> List[str]:
     errors = []
-    endpoint = values["endpoint"]
+    for file_key, secret_key, file_env, secret_env in (
+        ("password_file", "password", "O2_AUDIT_PASSWORD_FILE", "O2_AUDIT_PASSWORD"),
+        ("hmac_key_file", "hmac_key", "O2_AUDIT_HMAC_KEY_FILE", "O2_AUDIT_HMAC_KEY"),
+    ):
+        path = values.get(file_key)
+        if path is None:
+            continue
+        if values.get(secret_key) is not None:
+            errors.append(f"{file_env} and {secret_env} are both set: set only one")
+            continue
+        try:
+            secret = _read_secret_file(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            errors.append(f"{file_env}={path!r} cannot be read: {type(exc).__name__}")
+            continue
+        if not secret:
+            errors.append(f"{file_env}={path!r} is empty")
+            continue
+        values[secret_key] = Secret(secret)
+    key = values.get("hmac_key")
+    if key is not None and len(key.reveal().encode("utf-8")) < 16:
+        errors.append("O2_AUDIT_HMAC_KEY (or its file) must be at least 16 bytes long")
+    if (values.get("client_cert") is None) != (values.get("client_key") is None) and values.get("client_key"):
+        errors.append("O2_AUDIT_CLIENT_KEY is set without O2_AUDIT_CLIENT_CERT")
+    return errors
+
+
+def _cross_check(values: Mapping[str, Any], require_endpoint: bool) -> List[str]:
+    # Runs even when some values failed to parse (those are missing from ``values``), so that one message
+    # lists every problem.
+    errors = []
+    if "endpoint" not in values:
+        endpoint = "invalid"
+    elif values["endpoint"] is None:
+        endpoint = None
+    else:
+        endpoint = values["endpoint"]
     if endpoint is None:
         if require_endpoint:
             errors.append(
                 "O2_AUDIT_ENDPOINT is not set: give http(s)://host:port of OpenObserve "
                 "or file:///path/to/audit.jsonl for a local file"
             )
-    elif not endpoint.startswith("file://") and (values["user"] is None or values["password"] is None):
-        missing = [n for n, k in (("O2_AUDIT_USER", "user"), ("O2_AUDIT_PASSWORD", "password")) if not values[k]]
-        errors.append(f"{' and '.join(missing)} must be set for an http(s) endpoint (Basic auth)")
-    if values["batch_size"] > values["max_queue_size"]:
+    elif endpoint.startswith("http") and (values.get("user") is None or values.get("password") is None):
+        missing = [n for n, k in (("O2_AUDIT_USER", "user"), ("O2_AUDIT_PASSWORD", "password"))
+                   if k in values and not values[k]]
+        if missing:
+            errors.append(f"{' and '.join(missing)} must be set for an http(s) endpoint (Basic auth)")
+    if values.get("overflow") == "spool" and not values.get("spool_dir"):
+        errors.append("O2_AUDIT_OVERFLOW=spool needs O2_AUDIT_SPOOL_DIR")
+    if "batch_size" in values and "max_queue_size" in values and values["batch_size"] > values["max_queue_size"]:
         errors.append(
             f"O2_AUDIT_BATCH_SIZE={values['batch_size']} exceeds "
             f"O2_AUDIT_MAX_QUEUE_SIZE={values['max_queue_size']}: a batch could never fill"

@@ -107,7 +107,8 @@ def _error_message(span: ReadableSpan, status: int) -> Optional[str]:
             if text:
                 return text[:_MAX_ERROR_CHARS]
     failed = span.status.status_code is StatusCode.ERROR
-    if not failed and status < 500:
+    # A 4xx is the caller's mistake, not a failure of the call: audit-record.md gives it no error_msg.
+    if status < 500 and not (status == 0 and failed):
         return None
     description = span.status.description
     if description:

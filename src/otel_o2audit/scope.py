@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 from typing import Any, Optional
 
 __all__ = ["RequestScope", "current_scope", "set_user"]
@@ -21,6 +22,8 @@ _logger = logging.getLogger("otel_o2audit")
 
 # Identities are free text from application code: keep them a sane size and on one line.
 _MAX_USER_CHARS = 256
+# Control characters and every Unicode line or paragraph separator: an identity must stay on one line.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class RequestScope:
@@ -67,8 +70,8 @@ def open_scope(span: Any) -> Optional[RequestScope]:
 def clean_user(user: object) -> str:
     """Make an identity safe to store: a string, one line, at most 256 characters."""
     text = str(user)
-    if any(c in text for c in "\r\n\t\x00"):
-        text = " ".join(text.replace("\x00", " ").split())
+    if _UNSAFE.search(text):
+        text = " ".join(_UNSAFE.sub(" ", text).split())
     return text[:_MAX_USER_CHARS]
 
 
