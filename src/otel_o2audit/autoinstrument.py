@@ -39,15 +39,30 @@ def handle_config_error(error: ConfigError) -> None:
                   "(set O2_AUDIT_REQUIRED=true to refuse to start instead)", error)
 
 
+def pre_instrument(*args: Any, **kwargs: Any) -> None:
+    """Install before the instrumentors run, so that their tracers already use the audit sampler."""
+    post_instrument()
+
+
 def post_instrument(*args: Any, **kwargs: Any) -> None:
-    """Install the audit processor when ``O2_AUDIT_ENABLED`` is true; otherwise do nothing at all."""
+    """Install the audit processor when ``O2_AUDIT_ENABLED`` is true; otherwise do nothing at all.
+
+    Registered as both ``opentelemetry_pre_instrument`` and ``opentelemetry_post_instrument`` hooks; the
+    second call finds the processor installed and does nothing.
+    """
     try:
-        _post_instrument()
+        _setup()
     except Exception:
         _logger.exception("otel-o2audit: zero-code setup failed; the application runs WITHOUT an audit trail")
 
 
-def _post_instrument() -> None:
+_attempted: list[bool] = []
+
+
+def _setup() -> None:
+    if _attempted:  # the pre- and post-instrument hooks both call us: act (and report errors) once
+        return
+    _attempted.append(True)
     raw = os.environ.get("O2_AUDIT_ENABLED", "").strip()
     if not raw:
         return

@@ -46,6 +46,9 @@ class DeliveryReport:
     attempts: int = 0
     retries: int = 0
     reason: str = ""
+    #: The loss may be undone by trying again later (outage, throttling, bad credentials fixed by an
+    #: operator); a durable spool then keeps the batch instead of losing it.
+    retry_later: bool = False
 
     @property
     def ok(self) -> bool:
@@ -62,6 +65,7 @@ class DeliveryReport:
             attempts=self.attempts + other.attempts,
             retries=self.retries + other.retries,
             reason=reason,
+            retry_later=self.retry_later or other.retry_later,
         )
 
 
@@ -187,14 +191,16 @@ class HttpSink:
         body = gzip.compress(_encode(records), compresslevel=5)
         attempts = 0
         last_error = ""
+        mismatch_retried = False
         while True:
             if self._closed.is_set():
                 return DeliveryReport(count, lost=count, attempts=attempts, retries=max(0, attempts - 1),
-                                      reason=f"sink closed ({last_error or 'shutdown'})")
+                                      reason=f"sink closed ({last_error or 'shutdown'})", retry_later=True)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return DeliveryReport(count, lost=count, attempts=attempts, retries=max(0, attempts - 1),
-                                      reason=f"no time left to send ({last_error or 'deadline passed'})")
+                                      reason=f"no time left to send ({last_error or 'deadline passed'})",
+                                      retry_later=True)
             attempts += 1
             timeout = min(self._timeout, remaining)
             retry_after: Optional[float] = None
@@ -210,7 +216,14 @@ class HttpSink:
             else:
                 status = response.status_code
                 if status == 200:
-                    return _judge_200(response, count, attempts)
+                    report = _judge_200(response, count, attempts)
+                    if report.lost and not report.rejected and not mismatch_retried:
+                        # Counts that do not add up: a silent server-side drop. One more try, accepting
+                        # that the records it did store arrive twice (event_id de-duplicates them).
+                        mismatch_retried = True
+                        _logger.warning("otel-o2audit: %s; sending the batch once more", report.reason)
+                        continue
+                    return report
                 if status == 413 and count > 1:
                     half = count // 2
                     _logger.info("otel-o2audit: 413 for %d records, splitting the batch", count)
@@ -224,8 +237,10 @@ class HttpSink:
                     return DeliveryReport(count, rejected=count, attempts=attempts, retries=attempts - 1,
                                           reason=f"HTTP 413: record larger than the server's payload limit {text}")
                 if status not in _RETRYABLE_STATUS:
+                    # 401/403/404 are configuration problems an operator can fix: worth keeping on disk.
                     return DeliveryReport(count, lost=count, attempts=attempts, retries=attempts - 1,
-                                          reason=f"HTTP {status} (not retryable): {text}")
+                                          reason=f"HTTP {status} (not retryable): {text}",
+                                          retry_later=status in (401, 403, 404))
                 last_error = f"HTTP {status}: {text}"
                 retry_after = _retry_after(response)
             backoff = min(_MAX_BACKOFF, self._initial_backoff * (2 ** (attempts - 1)))
@@ -234,12 +249,13 @@ class HttpSink:
                 backoff = max(backoff, min(retry_after, _MAX_BACKOFF))
             if time.monotonic() + backoff >= deadline:
                 return DeliveryReport(count, lost=count, attempts=attempts, retries=attempts - 1,
-                                      reason=f"retry window exhausted after {attempts} attempt(s): {last_error}")
+                                      reason=f"retry window exhausted after {attempts} attempt(s): {last_error}",
+                                      retry_later=True)
             _logger.info("otel-o2audit: attempt %d for %d records failed (%s); retrying in %.2fs",
                          attempts, count, last_error, backoff)
             if self._closed.wait(backoff):
                 return DeliveryReport(count, lost=count, attempts=attempts, retries=attempts - 1,
-                                      reason=f"shut down during backoff ({last_error})")
+                                      reason=f"shut down during backoff ({last_error})", retry_later=True)
 
 
 def _short(exc: BaseException) -> str:

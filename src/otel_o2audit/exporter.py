@@ -110,14 +110,18 @@ class O2AuditSpanExporter(SpanExporter):
             ok = ok and report.ok
         return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
 
+    def deliver(self, records: Sequence[AuditRecord], deadline: Optional[float] = None) -> DeliveryReport:
+        """Send ready records (at most one batch) and report what became of them; counts nothing."""
+        if self._sink is None or self._closed:
+            return DeliveryReport(len(records), lost=len(records), reason="exporter is shut down",
+                                  retry_later=True)
+        if deadline is None:
+            deadline = time.monotonic() + self.config.retry_max_elapsed
+        return self._sink.send(records, deadline)
+
     def export_records(self, records: Sequence[AuditRecord], deadline: Optional[float] = None) -> DeliveryReport:
         """Deliver ready records (at most one batch), count and log the outcome, and return the report."""
-        if self._sink is None or self._closed:
-            report = DeliveryReport(len(records), lost=len(records), reason="exporter is shut down")
-        else:
-            if deadline is None:
-                deadline = time.monotonic() + self.config.retry_max_elapsed
-            report = self._sink.send(records, deadline)
+        report = self.deliver(records, deadline)
         account(report, self.describe())
         return report
 

@@ -1,11 +1,18 @@
 """``O2AuditSpanProcessor``: OpenObserve's audit batching, without its silent losses.
 
 On the request path (``on_start``/``on_end``) the processor does almost nothing: a kind check, a context
-variable for the request scope, and an append to a bounded intake queue. One worker thread per process does
-the rest: it classifies spans (ingestion and excluded routes never enter a batch), builds records, and
-publishes as soon as ``batch_size`` records are pending or the oldest pending record has waited
-``publish_interval`` seconds. Unlike the SDK's BatchSpanProcessor it keeps RECORD_ONLY spans, never evicts a
-queued record, and accounts for every record it cannot deliver.
+variable for the request scope, and an append to a bounded intake queue. Two threads per process do the
+rest:
+
+* the **collector** classifies finished spans (ingestion and excluded routes never enter a batch), builds
+  records, and adds them to the store: memory, or the durable spool when ``O2_AUDIT_SPOOL_DIR`` is set
+  (then within 0.25 s of capture);
+* the **sender** publishes a batch as soon as ``batch_size`` records wait, or when the oldest has waited
+  ``publish_interval`` seconds, and settles every record: published, rejected, expired, kept on disk for a
+  later attempt, or counted and logged as lost.
+
+Unlike the SDK's BatchSpanProcessor it keeps RECORD_ONLY spans, never evicts a queued record, applies an
+explicit overflow policy, and accounts for every record it does not deliver.
 """
 
 from __future__ import annotations
@@ -16,23 +23,27 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import SpanKind
 
+from .client import DeliveryReport
 from .config import O2AuditConfig
-from .exporter import O2AuditSpanExporter
+from .exporter import O2AuditSpanExporter, account
 from .record import AuditRecord
 from .scope import RequestScope, current_scope, open_scope
 from .stats import COUNTERS
+from .store import Batch, MemoryStore, Store
 
 __all__ = ["O2AuditSpanProcessor"]
 
 _logger = logging.getLogger("otel_o2audit")
 _SERVER = SpanKind.SERVER
-_DROP_REPORT_INTERVAL = 10.0
+_REPORT_EVERY = 10.0
+_RETRY_LATER = 30.0  # pause after a retry window ran out while the spool keeps the batch
+_SPOOL_TICK = 0.25
 
 # Every live processor of this process, for the shutdown hooks (signals, server shutdown).
 _LIVE: weakref.WeakSet[O2AuditSpanProcessor] = weakref.WeakSet()
@@ -44,10 +55,11 @@ def live_processors() -> List[O2AuditSpanProcessor]:
 
 
 class _Flush:
-    __slots__ = ("deadline", "done", "ok")
+    __slots__ = ("collected", "deadline", "done", "ok")
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
+        self.collected = False  # the collector has moved everything captured before the flush into the store
         self.done = threading.Event()
         self.ok = False
 
@@ -65,11 +77,13 @@ class O2AuditSpanProcessor(SpanProcessor):
             exporter = O2AuditSpanExporter(config or O2AuditConfig.from_env(**overrides))
         self._exporter = exporter
         cfg = exporter.config
+        self._config = cfg
         self._batch_size = cfg.batch_size
         self._interval = cfg.publish_interval
         self._max_queue = cfg.max_queue_size
-        self._shutdown_timeout = cfg.shutdown_timeout
+        self._overflow_policy = cfg.overflow_policy
         self._shut_down = False
+        self._store: Optional[Store] = None
         self._init_state()
         _LIVE.add(self)
         if hasattr(os, "register_at_fork"):
@@ -83,28 +97,51 @@ class O2AuditSpanProcessor(SpanProcessor):
             os.register_at_fork(after_in_child=after_fork)
 
     def _init_state(self) -> None:
-        # Called at construction and in a forked child: the child starts empty (the parent's records are
-        # the parent's to send) with its own lock, event and worker thread.
+        # At construction and in a forked child: the child starts empty (the parent's records are the
+        # parent's to send) with its own locks, store and threads.
+        old = self._store
+        if old is not None and hasattr(old, "abandon"):
+            old.abandon()
+        self._chain = _make_chain(self._config)
+        self._store = self._make_store()
         self._intake: Deque[ReadableSpan] = deque()
         self._scopes: Dict[int, RequestScope] = {}
-        self._pending: List[AuditRecord] = []
-        self._held = 0  # records pending or in flight (the worker's count; read racily by on_end)
+        self._held = 0  # records in memory beyond the intake (read racily on the request path)
+        self._inflight = 0
         self._wake_at = self._batch_size
         self._woken = False
-        self._event = threading.Event()
-        self._lock = threading.RLock()  # a signal handler may flush while the main thread holds it
+        self._collect_event = threading.Event()
+        self._cv = threading.Condition(threading.RLock())  # guards flushes/stop; a signal handler may flush
+        self._space = threading.Condition(threading.Lock())
+        self._waiting_for_space = 0
         self._flushes: List[_Flush] = []
-        self._stopping: Optional[float] = None  # shutdown deadline, set once
-        self._dropped_unreported = 0
-        self._drop_lock = threading.Lock()
+        self._stopping: Optional[float] = None
+        self._collector_done = False
+        self._retry_after = 0.0
+        self._last_checkpoint = time.monotonic()
+        self._counts_lock = threading.Lock()
+        self._unreported: Dict[str, int] = {}
+        self._last_report = 0.0
         self._late_reported = False
-        self._last_drop_report = 0.0
-        self._worker = threading.Thread(target=self._run, name="otel-o2audit", daemon=True)
-        self._worker.start()
+        self._collector = threading.Thread(target=self._loop, args=(self._collect_once,),
+                                           name="otel-o2audit-collector", daemon=True)
+        self._sender = threading.Thread(target=self._loop, args=(self._send_once,),
+                                        name="otel-o2audit-sender", daemon=True)
+        self._collector.start()
+        self._sender.start()
+
+    def _make_store(self) -> Store:
+        sealer = self._chain.seal if self._chain is not None else None
+        if self._config.spool_dir:
+            from .spool import SpoolStore
+
+            return SpoolStore(self._config.spool_dir, max_bytes=self._config.spool_max_bytes,
+                              fsync_interval=self._config.spool_fsync_interval, sealer=sealer)
+        return MemoryStore(sealer)
 
     def __repr__(self) -> str:
         return (f"O2AuditSpanProcessor(to={self._exporter.describe()!r}, batch_size={self._batch_size}, "
-                f"publish_interval={self._interval})")
+                f"publish_interval={self._interval}, spool={self._config.spool_dir!r})")
 
     @property
     def exporter(self) -> O2AuditSpanExporter:
@@ -125,198 +162,334 @@ class O2AuditSpanProcessor(SpanProcessor):
             scope = open_scope(span) or current_scope()
             if scope is not None:
                 self._scopes[span.context.span_id] = scope
-        except Exception:
+        except Exception:  # never raise into the application
             _logger.debug("otel-o2audit: on_start failed", exc_info=True)
 
     def on_end(self, span: ReadableSpan) -> None:
-        """Queue a finished SERVER span for the worker; O(1), and it never raises or blocks."""
+        """Queue a finished SERVER span for the collector; O(1), never raises (blocks only if asked to)."""
         if span.kind is not _SERVER:
             return
         if self._shut_down:
-            self._late(span)
+            self._late()
             return
         intake = self._intake
         if len(intake) + self._held >= self._max_queue:
-            self._drop(span)
+            self._overflow(span)
             return
         intake.append(span)
         if len(intake) >= self._wake_at and not self._woken:
             self._woken = True
-            self._event.set()
+            self._collect_event.set()
 
-    def _drop(self, span: ReadableSpan) -> None:
+    def _overflow(self, span: ReadableSpan) -> None:
         try:
+            policy = self._overflow_policy
+            if policy == "spool" and self._store is not None and self._store.durable:
+                record = self._build(span)
+                if record is not None and self._store.add([record]):
+                    COUNTERS.add("captured")
+                    COUNTERS.add("spooled")
+                return
+            if policy == "block":
+                deadline = time.monotonic() + self._config.block_timeout
+                with self._space:
+                    self._waiting_for_space += 1
+                    try:
+                        while len(self._intake) + self._held >= self._max_queue and not self._shut_down:
+                            remaining = deadline - time.monotonic()
+                            if remaining <= 0:
+                                break
+                            self._collect_event.set()
+                            self._space.wait(remaining)
+                    finally:
+                        self._waiting_for_space -= 1
+                if len(self._intake) + self._held < self._max_queue and not self._shut_down:
+                    self._intake.append(span)
+                    self._collect_event.set()
+                    return
             context = span.context
             if context is not None:
                 self._scopes.pop(context.span_id, None)
-            COUNTERS.add("dropped")
-            with self._drop_lock:
-                self._dropped_unreported += 1
-            self._event.set()  # the worker reports drops, rate-limited
-        except Exception:
-            _logger.debug("otel-o2audit: drop accounting failed", exc_info=True)
+            self._count("dropped")
+            self._collect_event.set()  # the collector reports drops, rate-limited
+        except Exception:  # never raise into the application
+            _logger.debug("otel-o2audit: overflow handling failed", exc_info=True)
 
-    def _late(self, span: ReadableSpan) -> None:
+    def _late(self) -> None:
         # A request that ended after shutdown: nobody will publish it, so say so.
         try:
             COUNTERS.add("dropped")
-            with self._drop_lock:
-                first = not self._late_reported
+            if not self._late_reported:
                 self._late_reported = True
-            if first:
                 _logger.warning("otel-o2audit: a request ended after the audit processor was shut down; "
                                 "it and any later ones are not audited (counted as dropped)")
-        except Exception:
+        except Exception:  # never raise into the application
             _logger.debug("otel-o2audit: late-span accounting failed", exc_info=True)
+
+    def _count(self, key: str, amount: int = 1) -> None:
+        COUNTERS.add(key, amount)
+        with self._counts_lock:
+            self._unreported[key] = self._unreported.get(key, 0) + amount
 
     # ---------------------------------------------------------------- control
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Publish everything captured so far; True when it was all delivered within the timeout."""
-        if self._shut_down or not self._worker.is_alive():
+        if self._shut_down or not self._sender.is_alive():
             return False
         timeout = max(0.0, timeout_millis / 1000)
         flush = _Flush(time.monotonic() + timeout)
-        with self._lock:
+        with self._cv:
             self._flushes.append(flush)
-        self._event.set()
+        self._collect_event.set()
         return flush.done.wait(timeout) and flush.ok
 
     def shutdown(self, timeout_millis: Optional[float] = None) -> None:
-        """Publish what is pending within the shutdown timeout (``O2_AUDIT_SHUTDOWN_TIMEOUT``), then stop.
+        """Publish what is pending within ``O2_AUDIT_SHUTDOWN_TIMEOUT`` (or ``timeout_millis``), then stop.
 
-        Whatever cannot be published in time is counted and logged as lost. Later spans are ignored.
+        With a spool, what cannot be published in time stays on disk for the next start; without one it
+        is counted and logged as lost. Spans that end later are counted as dropped.
         """
         if self._shut_down:
             return
-        timeout = self._shutdown_timeout if timeout_millis is None else max(0.0, timeout_millis / 1000)
+        timeout = self._config.shutdown_timeout if timeout_millis is None else max(0.0, timeout_millis / 1000)
+        deadline = time.monotonic() + timeout
         self._shut_down = True
-        self._stopping = time.monotonic() + timeout
-        self._event.set()
-        self._worker.join(timeout + 0.5)
-        if self._worker.is_alive():
-            # A send is stuck past the deadline: interrupt its backoff; its batch is then reported lost.
+        with self._cv:
+            self._stopping = deadline
+            self._cv.notify_all()
+        self._collect_event.set()
+        with self._space:
+            self._space.notify_all()
+        self._collector.join(max(0.0, deadline - time.monotonic()) + 0.5)
+        self._sender.join(max(0.0, deadline - time.monotonic()) + 0.5)
+        if self._sender.is_alive():
+            # A send is stuck past the deadline: interrupt its backoff; the sender then settles the batch.
             self._exporter.shutdown()
-            self._worker.join(2.0)
-        else:
-            self._exporter.shutdown()
-        leftover = len(self._intake) + len(self._pending)
-        if self._worker.is_alive() or leftover:
-            _logger.error("otel-o2audit: shutdown timed out; about %d audit records not published", leftover)
-            if not self._worker.is_alive() and leftover:
-                COUNTERS.add("lost", leftover)
+            self._sender.join(2.0)
+        self._exporter.shutdown()
+        self._finish()
         _LIVE.discard(self)
 
-    # ---------------------------------------------------------------- worker thread
-    def _run(self) -> None:
+    def _finish(self) -> None:
+        store = self._store
+        if store is None:
+            return
+        left_in_intake = len(self._intake)
+        if left_in_intake:
+            self._count("lost", left_in_intake)
+            self._intake.clear()
+        if store.durable:
+            left = store.close()
+            if left:
+                COUNTERS.add("spooled", left)
+                _logger.warning("otel-o2audit: %d audit records not yet published stay in the spool %s; the next "
+                                "start sends them", left, self._config.spool_dir)
+        else:
+            left = store.pending()
+            if left:
+                self._count("lost", left)
+        self._report(force=True)
+
+    # ---------------------------------------------------------------- threads
+    def _loop(self, step: Callable[[], bool]) -> None:
         while True:
             try:
-                if self._cycle():
+                if step():
                     return
-            except Exception:
-                _logger.exception("otel-o2audit: unexpected error in the worker; continuing")
+            except Exception:  # the threads must survive anything
+                _logger.exception("otel-o2audit: unexpected error in a worker thread; continuing")
                 time.sleep(0.1)  # never spin on a persistent bug
 
-    def _cycle(self) -> bool:
-        """One wake-up of the worker; True when it should exit."""
-        # Drain before sleeping: spans queued while the last publish ran must start their clock now.
-        self._drain()
-        self._wake_at = max(1, self._batch_size - len(self._pending))
-        if len(self._pending) < self._batch_size:
-            self._event.wait(self._sleep_time())
+    def _collect_once(self) -> bool:
+        """One round of the collector: intake -> records -> store. True when it should exit."""
+        tick = min(self._interval, _SPOOL_TICK if self._config.spool_dir else self._interval / 2)
+        if self._chain is not None:
+            tick = min(tick, max(0.0, self._interval - (time.monotonic() - self._last_checkpoint)))
+        self._collect_event.wait(tick)
         # Order matters: clear the flags, then drain, so a span appended after the drain wakes us again.
         self._woken = False
-        self._event.clear()
+        self._collect_event.clear()
+        with self._cv:
+            flushes = [f for f in self._flushes if not f.collected]
+            stopping = self._stopping
         self._drain()
-        self._report_drops()
-        now = time.monotonic()
-        stopping = self._stopping
-        with self._lock:
-            flushes, self._flushes = self._flushes, []
-        if stopping is not None:
-            self._publish_all(stopping)
+        store = self._store
+        assert store is not None
+        if self._chain is not None and (stopping is not None
+                                        or time.monotonic() - self._last_checkpoint >= self._interval):
+            # A signed checkpoint each interval, even when idle, and a closing one at shutdown.
+            self._last_checkpoint = time.monotonic()
+            store.add([self._chain.checkpoint(closing=stopping is not None)])
+        store.tick()
+        self._wake_at = max(1, self._batch_size - store.pending())
+        self._report()
+        with self._cv:
             for flush in flushes:
-                flush.ok = not self._pending
-                flush.done.set()
-            return True
-        while len(self._pending) >= self._batch_size:
-            self._publish(self._batch_size, self._deadline(now))
-        if self._pending and self._oldest_age() >= self._interval:
-            self._publish_all(self._deadline(now))
-        for flush in flushes:
-            flush.ok = self._publish_all(flush.deadline)
-            flush.done.set()
-        return False
+                flush.collected = True
+            if stopping is not None:
+                self._collector_done = True
+            self._cv.notify_all()
+        return stopping is not None
 
-    def _deadline(self, now: float) -> float:
-        # A batch may be retried for the retry window, but never past a shutdown deadline.
-        deadline = now + self._exporter.config.retry_max_elapsed
-        stopping = self._stopping
-        return deadline if stopping is None else min(deadline, stopping)
-
-    def _sleep_time(self) -> float:
-        if not self._pending:
-            # Anything queued since the last drain is younger than this, so it is seen before it is due.
-            return self._interval
-        return min(self._interval, max(0.0, self._interval - self._oldest_age()))
-
-    def _oldest_age(self) -> float:
-        oldest: int = self._pending[0]["_timestamp"]
-        return max(0.0, time.time() - oldest / 1e6)
+    def _build(self, span: ReadableSpan) -> Optional[AuditRecord]:
+        context = span.context
+        scope = self._scopes.pop(context.span_id, None) if context is not None else None
+        if scope is not None and scope.span_id != context.span_id:
+            _fold_into(scope, span)
+            return None
+        try:
+            record = self._exporter.to_record(span, scope)
+        except Exception:  # one odd span must not cost the others
+            _logger.exception("otel-o2audit: could not convert span %r; counted as lost", span.name)
+            self._count("lost")
+            return None
+        if record is None:
+            COUNTERS.add("skipped")
+        return record
 
     def _drain(self) -> None:
         intake = self._intake
-        scopes = self._scopes
-        to_record = self._exporter.to_record
-        pending = self._pending
+        records: List[AuditRecord] = []
         while intake:
-            span = intake.popleft()
-            context = span.context
-            scope = scopes.pop(context.span_id, None) if context is not None else None
-            if scope is not None and scope.span_id != context.span_id:
-                _fold_into(scope, span)
-                continue
-            try:
-                record = to_record(span, scope)
-            except Exception:
-                _logger.exception("otel-o2audit: could not convert span %r; counted as lost", span.name)
-                COUNTERS.add("lost")
-                continue
-            if record is None:
-                COUNTERS.add("skipped")
-                continue
-            COUNTERS.add("captured")
-            pending.append(record)
-        self._held = len(pending)
+            record = self._build(intake.popleft())
+            if record is not None:
+                records.append(record)
+        store = self._store
+        assert store is not None
+        if records:
+            accepted = store.add(records)
+            COUNTERS.add("captured", accepted)
+        self._held = store.in_memory() + self._inflight
+        if self._waiting_for_space:
+            with self._space:
+                self._space.notify_all()
 
-    def _publish(self, count: int, deadline: float) -> bool:
-        batch = self._pending[:count]
-        del self._pending[:count]
-        self._held = len(self._pending) + len(batch)
-        try:
-            report = self._exporter.export_records(batch, deadline)
-        finally:
-            self._held = len(self._pending)
-        return report.ok
+    def _send_once(self) -> bool:
+        """One round of the sender. True when it should exit."""
+        store = self._store
+        assert store is not None
+        with self._cv:
+            while True:
+                flushes = [f for f in self._flushes if f.collected]
+                if flushes or self._collector_done:
+                    break
+                wait = self._due_in(store)
+                if wait is not None and wait <= 0:
+                    break
+                self._cv.wait(wait)
+            stopping = self._stopping if self._collector_done else None
+        if stopping is not None:
+            self._publish_until(lambda: True, stopping)
+            return True
+        if flushes:
+            deadline = max(f.deadline for f in flushes)
+            ok = self._publish_until(lambda: True, deadline)
+            with self._cv:
+                for flush in flushes:
+                    self._flushes.remove(flush)
+                    flush.ok = ok and store.pending() == 0
+                    flush.done.set()
+            return False
+        self._publish_until(lambda: self._due_in(store) == 0, None)
+        return False
 
-    def _publish_all(self, deadline: float) -> bool:
-        self._drain()
+    def _due_in(self, store: Store) -> Optional[float]:
+        """Seconds until a publish is due (0: now), None when nothing waits."""
+        if time.monotonic() < self._retry_after:
+            return self._retry_after - time.monotonic()
+        if store.pending() >= self._batch_size:
+            return 0.0
+        oldest = store.oldest()
+        if oldest is None:
+            return None
+        age = time.time() - oldest / 1e6
+        return max(0.0, min(self._interval, self._interval - age))
+
+    def _publish_until(self, more: Callable[[], bool], deadline: Optional[float]) -> bool:
+        """Publish batches while ``more()`` holds and records wait; False when something was not delivered."""
+        store = self._store
+        assert store is not None
         ok = True
-        while self._pending:
-            ok = self._publish(min(self._batch_size, len(self._pending)), deadline) and ok
+        while more():
+            if deadline is not None and time.monotonic() >= deadline:
+                return store.pending() == 0
+            if deadline is None and time.monotonic() < self._retry_after:
+                return False
+            batch = store.take(self._batch_size)
+            if batch is None:
+                break
+            ok = self._publish(store, batch, deadline) and ok
+            if not ok and deadline is None:
+                break
         return ok
 
-    def _report_drops(self) -> None:
-        dropped = self._dropped_unreported
-        if not dropped:
-            return
+    def _publish(self, store: Store, batch: Batch, deadline: Optional[float]) -> bool:
+        self._inflight = len(batch.records)
+        try:
+            records = self._drop_expired(store, batch.records)
+            now = time.monotonic()
+            send_deadline = now + self._config.retry_max_elapsed
+            if deadline is not None:
+                send_deadline = min(send_deadline, deadline)
+            if self._stopping is not None:
+                send_deadline = min(send_deadline, self._stopping)
+            report = self._exporter.deliver(records, send_deadline)
+            if not report.ok and report.retry_later and report.delivered == 0 and store.keep(batch):
+                self._retry_after = time.monotonic() + _RETRY_LATER
+                _logger.warning("otel-o2audit: %d audit records kept in the spool, retrying in %.0fs: %s",
+                                len(records), _RETRY_LATER, report.reason)
+                return False
+            self._settle(store, batch, records, report)
+            return report.ok
+        finally:
+            self._inflight = 0
+            self._held = store.in_memory()
+            if self._waiting_for_space:
+                with self._space:
+                    self._space.notify_all()
+
+    def _settle(self, store: Store, batch: Batch, records: List[AuditRecord], report: DeliveryReport) -> None:
+        account(report, self._exporter.describe())
+        if batch.replay and report.delivered:
+            COUNTERS.add("replayed", report.delivered)
+        if (report.rejected or (report.lost and not report.retry_later)) and hasattr(store, "write_rejected"):
+            store.write_rejected(records)
+            _logger.warning("otel-o2audit: the batch of %d records is kept for inspection in %s/rejected",
+                            len(records), self._config.spool_dir)
+        store.settle(batch)
+        self._retry_after = 0.0
+
+    def _drop_expired(self, store: Store, records: List[AuditRecord]) -> List[AuditRecord]:
+        # OpenObserve rejects records older than its ingestion window one by one: do not send them.
+        limit = (time.time() - self._config.max_record_age) * 1e6
+        expired = [r for r in records if int(r.get("_timestamp") or 0) < limit]
+        if not expired:
+            return records
+        self._count("expired", len(expired))
+        if hasattr(store, "write_expired"):
+            store.write_expired(expired)
+            where = f"moved to {self._config.spool_dir}/expired"
+        else:
+            where = "discarded (no spool)"
+        _logger.warning("otel-o2audit: %d audit records EXPIRED (older than O2_AUDIT_MAX_RECORD_AGE=%gs), %s",
+                        len(expired), self._config.max_record_age, where)
+        return [r for r in records if int(r.get("_timestamp") or 0) >= limit]
+
+    def _report(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self._last_drop_report < _DROP_REPORT_INTERVAL and self._stopping is None:
+        if not force and now - self._last_report < _REPORT_EVERY:
             return
-        with self._drop_lock:
-            self._dropped_unreported -= dropped
-        self._last_drop_report = now
-        _logger.warning("otel-o2audit: %d audit records DROPPED: the queue is full (O2_AUDIT_MAX_QUEUE_SIZE=%d); "
-                        "the sink is too slow or unreachable", dropped, self._max_queue)
+        with self._counts_lock:
+            if not self._unreported:
+                return
+            counts, self._unreported = self._unreported, {}
+        self._last_report = now
+        if counts.get("dropped"):
+            _logger.warning("otel-o2audit: %d audit records DROPPED: the queue was full (O2_AUDIT_MAX_QUEUE_SIZE=%d, "
+                            "O2_AUDIT_OVERFLOW=%s)", counts["dropped"], self._max_queue, self._overflow_policy)
+        if counts.get("lost"):
+            _logger.error("otel-o2audit: %d audit records LOST (see the messages above for the reasons)",
+                          counts["lost"])
 
 
 def _fold_into(scope: RequestScope, span: ReadableSpan) -> None:
@@ -325,3 +498,11 @@ def _fold_into(scope: RequestScope, span: ReadableSpan) -> None:
     route = (span.attributes or {}).get("http.route")
     if route and scope.inner_route is None:
         scope.inner_route = str(route)
+
+
+def _make_chain(config: O2AuditConfig) -> Any:
+    if config.hmac_key is None:
+        return None
+    from .chain import Chain
+
+    return Chain(config.hmac_key.reveal().encode("utf-8"))

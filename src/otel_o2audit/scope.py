@@ -6,7 +6,12 @@ pool, nested ASGI apps) sees the same scope object, because context copies share
 
 * :func:`set_user` writes the acting user into it (no span attribute, so the identity stays out of traces);
 * a second SERVER span started inside the request (FastAPI's native span of a mounted sub-application, say)
-  finds the scope already open and is folded into it instead of producing a second record.
+  finds the scope already open and is folded into it instead of producing a second record;
+* the request facts that spans do not carry (socket peer, ``X-Forwarded-For``, a trusted proxy's user
+  header, the Basic-auth username, the captured body) are gathered by the library's ASGI/WSGI middleware
+  (:mod:`otel_o2audit.middleware`) into a :class:`RequestFacts` object, bound to a second context variable
+  before the instrumentation's middleware starts the server span; :func:`open_scope` links it into the
+  scope. None of it is ever put on a span attribute, so credentials and bodies stay out of traces.
 """
 
 from __future__ import annotations
@@ -14,9 +19,13 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
-__all__ = ["RequestScope", "current_scope", "set_user"]
+if TYPE_CHECKING:
+    from .body import BodyCapture
+    from .proxies import Network
+
+__all__ = ["RequestFacts", "RequestScope", "current_facts", "current_scope", "set_user"]
 
 _logger = logging.getLogger("otel_o2audit")
 
@@ -26,10 +35,79 @@ _MAX_USER_CHARS = 256
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+class RequestFacts:
+    """What the library's middleware saw of one request before the instrumentation started its span.
+
+    Filled on the request path (cheaply: a single pass over the headers), read on the processor's worker
+    thread when the record is built. It never holds a credential: the Authorization header is reduced to
+    the Basic-auth username on the spot (the password is dropped), and the user header's value is kept
+    only when a trusted proxy list is configured (whether the peer is trusted is decided when the record
+    is built). Its ``repr`` shows no values.
+    """
+
+    __slots__ = ("active", "basic_user", "body", "forwarded_for", "forwarded_user", "peer", "trusted")
+
+    def __init__(self, peer: Optional[str], trusted: Tuple[Network, ...] = ()) -> None:
+        #: True while the middleware's call is running; only active facts are linked into a new scope.
+        self.active = True
+        #: The socket peer as the server reported it (ASGI ``client``, WSGI ``REMOTE_ADDR``).
+        self.peer: Optional[str] = peer
+        #: The trusted proxy networks in force for this request (from the middleware's configuration).
+        self.trusted: Tuple[Network, ...] = trusted
+        #: ``X-Forwarded-For`` (all occurrences joined), kept only when ``trusted`` is not empty.
+        self.forwarded_for: Optional[str] = None
+        #: The value of the configured user header, kept only when ``trusted`` is not empty.
+        self.forwarded_user: Optional[str] = None
+        #: The username of HTTP Basic authentication (never the password).
+        self.basic_user: Optional[str] = None
+        #: The captured request body, when body capture is on and the request has one.
+        self.body: Optional[BodyCapture] = None
+
+    def __repr__(self) -> str:
+        return (f"RequestFacts(peer={'set' if self.peer else None}, forwarded_for="
+                f"{'set' if self.forwarded_for else None}, forwarded_user={'set' if self.forwarded_user else None}, "
+                f"basic_user={'set' if self.basic_user else None}, body={'captured' if self.body else None})")
+
+
+_FACTS: contextvars.ContextVar[Optional[RequestFacts]] = contextvars.ContextVar(
+    "otel_o2audit_request_facts", default=None
+)
+
+
+def current_facts() -> Optional[RequestFacts]:
+    """The facts of the request the calling context is serving, if the library's middleware runs."""
+    facts = _FACTS.get()
+    if facts is not None and facts.active:
+        return facts
+    return None
+
+
+def bind_facts(facts: RequestFacts) -> contextvars.Token[Optional[RequestFacts]]:
+    """Make ``facts`` the current request's facts (the middleware calls this before the inner app).
+
+    When a request scope is already open (the instrumentation's middleware runs OUTSIDE ours), the facts
+    are linked into it right away.
+    """
+    token = _FACTS.set(facts)
+    scope = current_scope()
+    if scope is not None and scope.facts is None:
+        scope.facts = facts
+    return token
+
+
+def release_facts(token: contextvars.Token[Optional[RequestFacts]], facts: RequestFacts) -> None:
+    """Undo :func:`bind_facts` once the request's call returned (facts stay readable by their scope)."""
+    facts.active = False
+    try:
+        _FACTS.reset(token)
+    except ValueError:  # pragma: no cover - reset from another context: leave the (now inactive) value
+        _FACTS.set(None)
+
+
 class RequestScope:
     """Mutable facts about one request that the span alone does not carry."""
 
-    __slots__ = ("inner_route", "span", "span_id", "user")
+    __slots__ = ("facts", "inner_route", "span", "span_id", "user")
 
     def __init__(self, span: Any) -> None:
         # The live span (to know whether the request is still open) and its id: on_end receives a
@@ -38,6 +116,8 @@ class RequestScope:
         self.span_id: int = span.context.span_id
         self.user: Optional[str] = None
         self.inner_route: Optional[str] = None
+        #: What the library's middleware gathered about this request; None without the middleware.
+        self.facts: Optional[RequestFacts] = None
 
     def is_open(self) -> bool:
         """True while the scope's span has not ended."""
@@ -63,6 +143,7 @@ def open_scope(span: Any) -> Optional[RequestScope]:
     if outer is not None:
         return None
     scope = RequestScope(span)
+    scope.facts = current_facts()
     _CURRENT.set(scope)
     return scope
 

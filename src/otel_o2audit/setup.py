@@ -14,6 +14,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from .config import O2AuditConfig
 from .processor import O2AuditSpanProcessor
+from .sampling import ensure_audit_sampler
+from .stats import register_metrics
 
 __all__ = ["install"]
 
@@ -31,7 +33,8 @@ def install(tracer_provider: Optional[TracerProvider] = None, *, config: Optiona
     fields (``endpoint=``, ``batch_size=``, ...). Calling it again for the same provider returns the
     processor already installed. Raises :class:`~otel_o2audit.ConfigError` for an invalid configuration
     and ``TypeError`` when the provider is not the SDK's. Code setup is an explicit opt-in: it does not
-    depend on ``O2_AUDIT_ENABLED``.
+    depend on ``O2_AUDIT_ENABLED``. It also wraps the provider's sampler so that no sampling decision can
+    drop a SERVER span (see :mod:`otel_o2audit.sampling`): call it before creating tracers or instrumenting.
     """
     provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
@@ -47,8 +50,11 @@ def install(tracer_provider: Optional[TracerProvider] = None, *, config: Optiona
             return existing
         cfg = config if config is not None else O2AuditConfig.from_env(**overrides)
         processor = O2AuditSpanProcessor(config=cfg)
+        # Sampling must not be able to remove a request from the audit trail.
+        ensure_audit_sampler(provider)
         provider.add_span_processor(processor)
         _installed[provider] = processor
+    register_metrics()
     from .lifecycle import install_hooks
 
     install_hooks()

@@ -67,3 +67,29 @@ def ensure_fork_hook() -> None:
 def stats() -> Dict[str, int]:
     """A snapshot of this process's audit counters (see ``COUNTER_KEYS`` for their meaning)."""
     return COUNTERS.snapshot()
+
+
+_metrics_registered: list[bool] = []
+
+
+def register_metrics() -> None:
+    """Export the counters as the OTel counter ``o2audit.records`` (meter ``otel_o2audit``), once.
+
+    Each counter key is an ``outcome`` attribute value. Registered against the global MeterProvider: with
+    the API's default provider nothing is exported; a provider set later picks the instrument up.
+    """
+    if _metrics_registered:
+        return
+    _metrics_registered.append(True)
+    from opentelemetry import metrics
+    from opentelemetry.metrics import CallbackOptions, Observation
+
+    def observe(options: CallbackOptions) -> list[Observation]:
+        return [Observation(value, {"outcome": key}) for key, value in COUNTERS.snapshot().items()]
+
+    meter = metrics.get_meter("otel_o2audit")
+    meter.create_observable_counter(
+        "o2audit.records", callbacks=[observe], unit="{record}",
+        description="Audit records by outcome: captured, published, retried, spooled, replayed, dropped, "
+                    "expired, rejected, lost, skipped",
+    )
