@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import email.utils
 import gzip
+import ipaddress
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
+from urllib.parse import urlsplit
 
 import requests
 
@@ -143,6 +145,12 @@ class HttpSink:
         }
         self._timeout = config.timeout
         self._initial_backoff = config.retry_initial_backoff
+        # TLS verification is always on; a private CA and a client certificate (mTLS) are optional.
+        self._verify: Any = config.ca_bundle or True
+        self._cert: Any = None
+        if config.client_cert:
+            self._cert = (config.client_cert, config.client_key) if config.client_key else config.client_cert
+        _warn_if_plain_http(url)
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._session: Optional[requests.Session] = None
@@ -163,9 +171,7 @@ class HttpSink:
     def _get_session(self) -> requests.Session:
         with self._lock:
             if self._session is None:
-                session = requests.Session()
-                session.trust_env = True
-                self._session = session
+                self._session = requests.Session()
             return self._session
 
     def close(self) -> None:
@@ -205,8 +211,10 @@ class HttpSink:
             timeout = min(self._timeout, remaining)
             retry_after: Optional[float] = None
             try:
+                # verify/cert per request: requests would otherwise let REQUESTS_CA_BUNDLE override them.
                 response = self._get_session().post(
-                    self._url, data=body, headers=self._headers, timeout=timeout, allow_redirects=False
+                    self._url, data=body, headers=self._headers, timeout=timeout, allow_redirects=False,
+                    verify=self._verify, cert=self._cert,
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 last_error = f"{type(exc).__name__}: {_short(exc)}"
@@ -256,6 +264,24 @@ class HttpSink:
             if self._closed.wait(backoff):
                 return DeliveryReport(count, lost=count, attempts=attempts, retries=attempts - 1,
                                       reason=f"shut down during backoff ({last_error})", retry_later=True)
+
+
+_warned_plain_http: set[str] = set()
+
+
+def _warn_if_plain_http(url: str) -> None:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme != "http" or host in _warned_plain_http:
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        _warned_plain_http.add(host)
+        _logger.warning("otel-o2audit: O2_AUDIT_ENDPOINT uses plain http to %s: credentials and audit records "
+                        "cross the network unencrypted; use https", host)
 
 
 def _short(exc: BaseException) -> str:
