@@ -14,7 +14,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from .config import ConfigError, O2AuditConfig
+from .config import ConfigError, O2AuditConfig, parse_bool
 
 __all__ = ["EXIT_CONFIG_ERROR", "handle_config_error", "post_instrument"]
 
@@ -66,12 +66,18 @@ def _setup() -> None:
     raw = os.environ.get("O2_AUDIT_ENABLED", "").strip()
     if not raw:
         return
+    # The switch alone first: auditing that is off must not complain about the settings it does not use.
+    try:
+        enabled = parse_bool(raw, "O2_AUDIT_ENABLED")
+    except ValueError as exc:
+        handle_config_error(ConfigError(f"invalid otel-o2audit configuration:\n  - {exc}"))
+        return
+    if not enabled:
+        return
     try:
         config = O2AuditConfig.from_env()
     except ConfigError as exc:
         handle_config_error(exc)
-        return
-    if not config.enabled:
         return
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         _logger.info("otel-o2audit: OTEL_SDK_DISABLED=true; auditing is off")

@@ -84,6 +84,20 @@ class Sink(Protocol):
         """Where the records go, for logs (never with credentials)."""
 
 
+class _StaticAuth(requests.auth.AuthBase):
+    """Sets a precomputed Authorization header; its repr never shows it."""
+
+    def __init__(self, header: str) -> None:
+        self._header = header
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._header
+        return request
+
+    def __repr__(self) -> str:
+        return "_StaticAuth('***')"
+
+
 def _encode(records: Sequence[AuditRecord]) -> bytes:
     return json.dumps(list(records), separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
 
@@ -137,8 +151,10 @@ class HttpSink:
             raise ValueError("HttpSink needs an http(s) endpoint with user and password")
         self._url = url
         token = base64.b64encode(f"{config.user}:{config.password.reveal()}".encode()).decode("ascii")
+        # Passed as ``auth=`` on every request: with no auth object, requests would let a ~/.netrc entry
+        # replace our Authorization header.
+        self._auth = _StaticAuth(f"Basic {token}")
         self._headers = {
-            "Authorization": f"Basic {token}",
             "Content-Type": "application/json",
             "Content-Encoding": "gzip",
             "User-Agent": "otel-o2audit",
@@ -188,9 +204,10 @@ class HttpSink:
             return DeliveryReport(sent=0)
         try:
             return self._send(records, deadline)
-        except Exception as exc:
-            _logger.exception("otel-o2audit: unexpected error while sending %d records", len(records))
-            return DeliveryReport(sent=len(records), lost=len(records), reason=f"internal error: {exc!r}")
+        except Exception as exc:  # noqa: BLE001 - a bug here must cost records, never the worker
+            # Only the type: an exception's repr may quote record content.
+            _logger.error("otel-o2audit: unexpected %s while sending %d records", type(exc).__name__, len(records))
+            return DeliveryReport(sent=len(records), lost=len(records), reason=f"internal error: {type(exc).__name__}")
 
     def _send(self, records: Sequence[AuditRecord], deadline: float) -> DeliveryReport:
         count = len(records)
@@ -213,8 +230,8 @@ class HttpSink:
             try:
                 # verify/cert per request: requests would otherwise let REQUESTS_CA_BUNDLE override them.
                 response = self._get_session().post(
-                    self._url, data=body, headers=self._headers, timeout=timeout, allow_redirects=False,
-                    verify=self._verify, cert=self._cert,
+                    self._url, data=body, headers=self._headers, auth=self._auth, timeout=timeout,
+                    allow_redirects=False, verify=self._verify, cert=self._cert,
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 last_error = f"{type(exc).__name__}: {_short(exc)}"
@@ -344,10 +361,13 @@ class FileSink:
         count = len(records)
         if not count:
             return DeliveryReport(sent=0)
-        data = b"".join(
-            json.dumps(r, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8") + b"\n"
-            for r in records
-        )
+        try:
+            data = b"".join(
+                json.dumps(r, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8") + b"\n"
+                for r in records
+            )
+        except (TypeError, ValueError) as exc:
+            return DeliveryReport(count, lost=count, attempts=0, reason=f"cannot encode: {type(exc).__name__}")
         try:
             with self._lock:
                 fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

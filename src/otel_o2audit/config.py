@@ -82,6 +82,11 @@ def _as_bool(value: Any, env: str) -> bool:
     raise ValueError(f"{env}={value!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
 
 
+def parse_bool(value: Any, env: str) -> bool:
+    """Parse a boolean setting (``true/false/1/0/yes/no/on/off``, any case); ValueError names ``env``."""
+    return _as_bool(value, env)
+
+
 def _as_positive_int(value: Any, env: str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{env}={value!r} is not a whole number")

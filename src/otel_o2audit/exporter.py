@@ -61,6 +61,12 @@ class O2AuditSpanExporter(SpanExporter):
         if config.enabled:
             self._inert_reason = "O2_AUDIT_ENABLED is true: the audit processor delivers instead"
             _logger.info("otel-o2audit: exporter 'o2audit' is inactive because %s", self._inert_reason)
+        else:
+            from .lifecycle import flush_provider_on_exit, install_hooks
+
+            # Our records wait in the SDK's BatchSpanProcessor: make SIGTERM under uvicorn flush it.
+            flush_provider_on_exit()
+            install_hooks()
         return config
 
     def _fail(self, message: str, from_sdk: bool) -> None:
@@ -88,14 +94,13 @@ class O2AuditSpanExporter(SpanExporter):
         """Convert ``spans`` (non-server and non-audited ones are skipped) and deliver them in batches."""
         if self._inert_reason is not None:
             return SpanExportResult.SUCCESS
-        if self._closed:
-            return SpanExportResult.FAILURE
         records: List[AuditRecord] = []
         for span in spans:
             try:
                 record = self._builder.build(span)
             except Exception:
                 _logger.exception("otel-o2audit: could not convert span %r; counted as lost", span.name)
+                COUNTERS.add("captured")
                 COUNTERS.add("lost")
                 continue
             if record is not None:
@@ -103,6 +108,9 @@ class O2AuditSpanExporter(SpanExporter):
         if not records:
             return SpanExportResult.SUCCESS
         COUNTERS.add("captured", len(records))
+        if self._closed:
+            account(DeliveryReport(len(records), lost=len(records), reason="exporter is shut down"), self.describe())
+            return SpanExportResult.FAILURE
         size = self.config.batch_size
         ok = True
         for start in range(0, len(records), size):

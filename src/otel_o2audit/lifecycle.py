@@ -62,6 +62,36 @@ def flush_all(reason: str) -> None:
             _logger.exception("otel-o2audit: flush on %s failed", reason)
 
 
+# Set when the SDK built an active ``o2audit`` exporter (OTEL_TRACES_EXPORTER=o2audit): its records wait
+# in the SDK's BatchSpanProcessor, so an exit that skips atexit must flush the provider too.
+_flush_provider: Dict[str, bool] = {}
+
+
+def flush_provider_on_exit() -> None:
+    """Ask the exit hooks to flush the global SDK TracerProvider (used by the exporter path)."""
+    _flush_provider["yes"] = True
+
+
+def _flush_global_provider(reason: str) -> None:
+    if not _flush_provider:
+        return
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        return
+    timeout = _remaining(10.0)
+    # The SDK's force_flush may ignore its timeout: run it on a helper thread and wait at most the budget.
+    worker = threading.Thread(target=provider.force_flush, args=(int(timeout * 1000),),
+                              name="otel-o2audit-exit-flush", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        _logger.warning("otel-o2audit: flushing the TracerProvider on %s did not finish within %.1fs", reason,
+                        timeout)
+
+
 def shutdown_all(reason: str) -> None:
     """Publish what is pending and stop every live processor, within this exit's shutdown budget."""
     for processor in live_processors():
@@ -79,6 +109,7 @@ def _on_signal(signum: int, frame: Optional[FrameType]) -> None:
     if previous is signal.SIG_DFL or previous is None:
         # The default action ends the process without atexit: publish everything now.
         shutdown_all(name)
+        _flush_global_provider(name)
         signal.signal(signum, signal.SIG_DFL)
         signal.raise_signal(signum)
         return
@@ -118,6 +149,7 @@ def _wrap_uvicorn_shutdown() -> None:
         finally:
             # Off the event loop: the flush may wait for the sink.
             await asyncio.to_thread(flush_all, "uvicorn shutdown")
+            await asyncio.to_thread(_flush_global_provider, "uvicorn shutdown")
 
     shutdown._otel_o2audit = True  # type: ignore[attr-defined]
     Server.shutdown = shutdown  # type: ignore[method-assign]

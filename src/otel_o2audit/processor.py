@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -44,6 +44,7 @@ _SERVER = SpanKind.SERVER
 _REPORT_EVERY = 10.0
 _RETRY_LATER = 30.0  # pause after a retry window ran out while the spool keeps the batch
 _SPOOL_TICK = 0.25
+_NESTED_WAIT = 1.0  # how long a request's record waits for a nested SERVER span to end
 
 # Every live processor of this process, for the shutdown hooks (signals, server shutdown).
 _LIVE: weakref.WeakSet[O2AuditSpanProcessor] = weakref.WeakSet()
@@ -106,6 +107,9 @@ class O2AuditSpanProcessor(SpanProcessor):
         self._store = self._make_store()
         self._intake: Deque[ReadableSpan] = deque()
         self._scopes: Dict[int, RequestScope] = {}
+        self._nested_open: Dict[int, int] = {}
+        self._nested_lock = threading.Lock()
+        self._deferred: List[Tuple[ReadableSpan, RequestScope, float]] = []
         self._held = 0  # records in memory beyond the intake (read racily on the request path)
         self._inflight = 0
         self._wake_at = self._batch_size
@@ -159,7 +163,13 @@ class O2AuditSpanProcessor(SpanProcessor):
         if span.kind is not _SERVER or self._shut_down:
             return
         try:
-            scope = open_scope(span) or current_scope()
+            scope = open_scope(span)
+            if scope is None:
+                scope = current_scope()
+                if scope is not None and scope.span_id != span.context.span_id:
+                    # A nested SERVER span: the request's record waits for it (see _build).
+                    with self._nested_lock:
+                        self._nested_open[scope.span_id] = self._nested_open.get(scope.span_id, 0) + 1
             if scope is not None:
                 self._scopes[span.context.span_id] = scope
         except Exception:  # never raise into the application
@@ -211,6 +221,8 @@ class O2AuditSpanProcessor(SpanProcessor):
             if context is not None:
                 self._scopes.pop(context.span_id, None)
             self._count("dropped")
+            if self._chain is not None:
+                self._chain.note_dropped(1)
             self._collect_event.set()  # the collector reports drops, rate-limited
         except Exception:  # never raise into the application
             _logger.debug("otel-o2audit: overflow handling failed", exc_info=True)
@@ -303,6 +315,8 @@ class O2AuditSpanProcessor(SpanProcessor):
     def _collect_once(self) -> bool:
         """One round of the collector: intake -> records -> store. True when it should exit."""
         tick = min(self._interval, _SPOOL_TICK if self._config.spool_dir else self._interval / 2)
+        if self._deferred:
+            tick = min(tick, 0.02)
         if self._chain is not None:
             tick = min(tick, max(0.0, self._interval - (time.monotonic() - self._last_checkpoint)))
         self._collect_event.wait(tick)
@@ -331,12 +345,28 @@ class O2AuditSpanProcessor(SpanProcessor):
             self._cv.notify_all()
         return stopping is not None
 
-    def _build(self, span: ReadableSpan) -> Optional[AuditRecord]:
+    def _build(self, span: ReadableSpan, scope: Optional[RequestScope] = None,
+               defer: bool = True) -> Optional[AuditRecord]:
         context = span.context
-        scope = self._scopes.pop(context.span_id, None) if context is not None else None
-        if scope is not None and scope.span_id != context.span_id:
+        if scope is None and context is not None:
+            scope = self._scopes.pop(context.span_id, None)
+        if scope is not None and context is not None and scope.span_id != context.span_id:
             _fold_into(scope, span)
+            with self._nested_lock:
+                left = self._nested_open.get(scope.span_id, 1) - 1
+                if left > 0:
+                    self._nested_open[scope.span_id] = left
+                else:
+                    self._nested_open.pop(scope.span_id, None)
             return None
+        if scope is not None and defer and self._nested_open.get(scope.span_id):
+            # The outer span ended before a nested one (contrib ends its span in the send wrapper): wait,
+            # briefly, for the nested span's route.
+            self._deferred.append((span, scope, time.monotonic() + _NESTED_WAIT))
+            return None
+        if scope is not None:
+            with self._nested_lock:
+                self._nested_open.pop(scope.span_id, None)
         try:
             record = self._exporter.to_record(span, scope)
         except Exception:  # one odd span must not cost the others
@@ -354,6 +384,17 @@ class O2AuditSpanProcessor(SpanProcessor):
             record = self._build(intake.popleft())
             if record is not None:
                 records.append(record)
+        if self._deferred:
+            now = time.monotonic()
+            waiting = []
+            for span, scope, until in self._deferred:
+                if self._nested_open.get(scope.span_id) and now < until and self._stopping is None:
+                    waiting.append((span, scope, until))
+                    continue
+                record = self._build(span, scope, defer=False)
+                if record is not None:
+                    records.append(record)
+            self._deferred = waiting
         store = self._store
         assert store is not None
         if records:
@@ -433,7 +474,12 @@ class O2AuditSpanProcessor(SpanProcessor):
                 send_deadline = min(send_deadline, deadline)
             if self._stopping is not None:
                 send_deadline = min(send_deadline, self._stopping)
-            report = self._exporter.deliver(records, send_deadline)
+            try:
+                report = self._exporter.deliver(records, send_deadline)
+            except Exception as exc:  # noqa: BLE001 - a failing send must still settle its records
+                _logger.error("otel-o2audit: unexpected %s while delivering %d records", type(exc).__name__,
+                              len(records))
+                report = DeliveryReport(len(records), lost=len(records), reason=f"internal error: {type(exc).__name__}")
             if not report.ok and report.retry_later and report.delivered == 0 and store.keep(batch):
                 self._retry_after = time.monotonic() + _RETRY_LATER
                 _logger.warning("otel-o2audit: %d audit records kept in the spool, retrying in %.0fs: %s",
@@ -450,6 +496,10 @@ class O2AuditSpanProcessor(SpanProcessor):
 
     def _settle(self, store: Store, batch: Batch, records: List[AuditRecord], report: DeliveryReport) -> None:
         account(report, self._exporter.describe())
+        final_losses = report.rejected + report.lost
+        if final_losses and self._chain is not None:
+            # Declared in the next checkpoint, so that verify reports an honest loss, not a deletion.
+            self._chain.note_lost(records, final_losses)
         if batch.replay and report.delivered:
             COUNTERS.add("replayed", report.delivered)
         if (report.rejected or (report.lost and not report.retry_later)) and hasattr(store, "write_rejected"):
@@ -466,6 +516,8 @@ class O2AuditSpanProcessor(SpanProcessor):
         if not expired:
             return records
         self._count("expired", len(expired))
+        if self._chain is not None:
+            self._chain.note_lost(expired)
         if hasattr(store, "write_expired"):
             store.write_expired(expired)
             where = f"moved to {self._config.spool_dir}/expired"
@@ -505,4 +557,4 @@ def _make_chain(config: O2AuditConfig) -> Any:
         return None
     from .chain import Chain
 
-    return Chain(config.hmac_key.reveal().encode("utf-8"))
+    return Chain(config.hmac_key.reveal().encode("utf-8"), checkpoint_interval=config.publish_interval)

@@ -3,25 +3,41 @@
 Both HTTP semantic conventions are read (old, stable and ``http/dup``), with the fallbacks WSGI servers need
 when path or route attributes are missing. Everything here runs on the processor's worker thread, never on
 the request path.
+
+Who (``user_email``), first found wins:
+
+1. the identity application code named with :func:`otel_o2audit.set_user`;
+2. span attributes ``enduser.id``, ``user.email``, ``user.id``, ``user.name``;
+3. the ``O2_AUDIT_USER_HEADER`` header, only when the socket peer is a trusted proxy
+   (``O2_AUDIT_TRUSTED_PROXIES``);
+4. the username of HTTP Basic authentication, whatever the outcome of the login.
+
+Items 3 and 4, the client address behind trusted proxies and the request body come from the facts the
+library's middleware gathered (:class:`~otel_o2audit.scope.RequestFacts`); without the middleware the record
+falls back to what the span says.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
+from .body import RenderedBody, render_body
+from .proxies import peer_is_trusted, resolve_client_ip
 from .redact import Redactor
 from .routes import RouteTable
-from .scope import RequestScope, clean_user
+from .scope import RequestFacts, RequestScope, clean_user
 
 __all__ = ["AuditRecord", "RecordBuilder", "request_method", "request_path"]
 
 #: One audit record: a flat JSON object with ``[a-z0-9_]`` keys.
 AuditRecord = Dict[str, Any]
 
+_logger = logging.getLogger("otel_o2audit")
 _READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _USER_ATTRIBUTES = ("enduser.id", "user.email", "user.id", "user.name")
 _MAX_USER_AGENT_BYTES = 1024
@@ -83,10 +99,9 @@ def _request_query(attributes: Mapping[str, Any]) -> str:
         return _split_target(str(target))[1]
     url = attributes.get("http.url") or attributes.get("url.full")
     if url:
-        try:
-            return urlsplit(str(url)).query
-        except ValueError:
-            return ""
+        # Not urlsplit: the old semconv's http.url is unquoted, so an encoded '#' in the query would
+        # otherwise cut everything after it from the audit record.
+        return str(url).partition("?")[2]
     return ""
 
 
@@ -94,7 +109,7 @@ def _status_code(attributes: Mapping[str, Any]) -> int:
     value = _first(attributes, "http.response.status_code", "http.status_code")
     try:
         return int(value) if value is not None else 0
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0
 
 
@@ -160,6 +175,41 @@ def _cap_utf8(text: str, limit: int) -> str:
     return data[:limit].decode("utf-8", "ignore")
 
 
+def _resolve_user(scope: Optional[RequestScope], attributes: Mapping[str, Any],
+                  facts: Optional[RequestFacts]) -> Tuple[str, Optional[str]]:
+    """(user_email, source): the first identity found, in the documented order; source is ``app``,
+    ``span``, ``proxy_header``, ``basic_auth`` or None."""
+    if scope is not None and scope.user is not None:
+        # An explicit set_user() wins, even set_user("") (the application says: nobody).
+        return scope.user, ("app" if scope.user else None)
+    found = _first(attributes, *_USER_ATTRIBUTES)
+    if found is not None:
+        user = clean_user(found)
+        if user:
+            return user, "span"
+    if facts is not None:
+        if facts.forwarded_user and peer_is_trusted(facts.peer, facts.trusted):
+            user = clean_user(facts.forwarded_user)
+            if user:
+                return user, "proxy_header"
+        if facts.basic_user:
+            user = clean_user(facts.basic_user)
+            if user:
+                return user, "basic_auth"
+    return "", None
+
+
+def _make_encodable(record: AuditRecord) -> None:
+    # A header that is not valid UTF-8 reaches span attributes with lone surrogates; one such value must not
+    # make the whole batch unencodable.
+    for key, value in record.items():
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                record[key] = value.encode("utf-8", "replace").decode("utf-8")
+
+
 class RecordBuilder:
     """Turns finished SERVER spans into audit records, or None for spans that are not audited."""
 
@@ -189,10 +239,8 @@ class RecordBuilder:
         trace_id = f"{context.trace_id:032x}" if context else ""
         span_id = f"{context.span_id:016x}" if context else ""
         end = span.end_time or 0
-        user = scope.user if scope is not None and scope.user is not None else None
-        if user is None:
-            found = _first(attributes, *_USER_ATTRIBUTES)
-            user = clean_user(found) if found is not None else ""
+        facts = scope.facts if scope is not None else None
+        user, _source = _resolve_user(scope, attributes, facts)
         record: AuditRecord = {
             "_timestamp": end // 1000,
             "user_email": user,
@@ -212,9 +260,26 @@ class RecordBuilder:
             record["error_msg"] = error
         if route:
             record["http_route"] = route
-        client = _first(attributes, "client.address", "net.peer.ip", "net.sock.peer.addr")
+        client: Any = None
+        if facts is not None:
+            client = resolve_client_ip(facts.peer, facts.forwarded_for, facts.trusted)
+        if client is None:
+            client = _first(attributes, "client.address", "net.peer.ip", "net.sock.peer.addr")
         if client is not None:
             record["client_ip"] = str(client)
+        if facts is not None and facts.body is not None:
+            try:
+                body = render_body(facts.body, self._redactor)
+            except Exception:  # a body must never cost the request its record
+                _logger.exception("otel-o2audit: could not render a request body; stored as a marker")
+                body = RenderedBody("[body not recorded: internal error]", False, facts.body.size, None)
+            if body is not None:
+                record["http_body"] = body.text
+                if body.truncated:
+                    record["http_body_truncated"] = True
+                record["http_body_size"] = body.size
+                if body.content_type:
+                    record["http_content_type"] = body.content_type
         agent = _first(attributes, "user_agent.original", "http.user_agent")
         if agent is not None:
             record["user_agent"] = _cap_utf8(str(agent), _MAX_USER_AGENT_BYTES)
@@ -224,6 +289,7 @@ class RecordBuilder:
         if service:
             record["service_name"] = str(service)
         record["read_only"] = method in _READ_ONLY_METHODS
+        _make_encodable(record)
         return record
 
     def is_skipped(self, method: str, path: str) -> bool:

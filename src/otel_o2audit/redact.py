@@ -5,6 +5,12 @@ removed, so ``X-Api-Key``, ``api_key``, ``apiKey`` and ``api%5Fkey`` are one nam
 a name makes it sensitive (``access_token``, ``clientSecret``), with one deliberate exception: ``auth`` does not
 match ``author`` (``?author=alice`` is a filter, not a credential), while ``authorization``, ``authorize``,
 ``oauth`` and ``authentication`` still match.
+
+One policy covers every place a record can carry request data: the query string (:meth:`Redactor.redact_query`),
+form bodies (the same method), JSON, multipart and text bodies (:mod:`otel_o2audit.body`, which asks
+:meth:`Redactor.is_sensitive` for every field name). Records never carry request headers. To replace the
+policy in code, subclass :class:`Redactor` and override :meth:`~Redactor.is_sensitive`: every path goes
+through it.
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ class Redactor:
         changed = False
         for index, part in enumerate(parts):
             name, sep, _value = part.partition("=")
-            if sep and self._is_sensitive(name):
+            if sep and self.is_sensitive(name):
                 parts[index] = f"{name}={REDACTED}"
                 changed = True
         return "&".join(parts) if changed else query

@@ -1,0 +1,1 @@
+"""Small applications that the subprocess tests run under ``opentelemetry-instrument``."""
