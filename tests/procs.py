@@ -107,7 +107,7 @@ def read_jsonl(path: Path) -> List[Dict[str, Any]]:
     """The records of a JSON-lines audit file; [] when it does not exist."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 class AppProcess:

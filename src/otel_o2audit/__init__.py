@@ -13,9 +13,11 @@ from __future__ import annotations
 from .client import DeliveryReport
 from .config import ConfigError, O2AuditConfig
 from .exporter import O2AuditSpanExporter
+from .middleware import O2AuditASGIMiddleware, O2AuditWSGIMiddleware
 from .processor import O2AuditSpanProcessor
-from .redact import DEFAULT_SENSITIVE_NAMES, REDACTED
+from .redact import DEFAULT_SENSITIVE_NAMES, REDACTED, Redactor
 from .routes import DEFAULT_EXCLUDE_ROUTES, DEFAULT_INGESTION_ROUTES
+from .sampling import AuditSampler
 from .scope import set_user
 from .setup import install
 from .stats import COUNTER_KEYS, stats
@@ -28,11 +30,15 @@ __all__ = [
     "DEFAULT_INGESTION_ROUTES",
     "DEFAULT_SENSITIVE_NAMES",
     "REDACTED",
+    "AuditSampler",
     "ConfigError",
     "DeliveryReport",
+    "O2AuditASGIMiddleware",
     "O2AuditConfig",
     "O2AuditSpanExporter",
     "O2AuditSpanProcessor",
+    "O2AuditWSGIMiddleware",
+    "Redactor",
     "__version__",
     "install",
     "set_user",

@@ -88,6 +88,10 @@ def _setup() -> None:
                         "SDK's (is opentelemetry-distro or another configurator installed?); not auditing",
                         type(provider).__name__)
         return
+    from .middleware import patch_frameworks
     from .setup import install
 
     install(provider, config=config)
+    # Request facts spans do not carry (peer, forwarded addresses, Basic-auth user, bodies) come from our
+    # middleware, which zero-code users cannot add themselves.
+    patch_frameworks(config)

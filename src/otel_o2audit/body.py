@@ -4,11 +4,13 @@ Capture (:class:`BodyCapture`, fed by the library's ASGI/WSGI middleware) copies
 ``O2_AUDIT_MAX_BODY_BYTES`` of what the application reads and counts the rest; the application receives
 every chunk unchanged. Rendering (:func:`render_body`) runs when the record is built, off the request path:
 
-* ``application/json`` and ``*+json`` (also JSON lines): every value of a sensitive name, at any depth,
-  becomes ``"[REDACTED]"`` (an object or array under a sensitive name goes whole). A body cut at the cap, or
-  not valid JSON, goes through a tolerant tokenizer: values of sensitive names are masked up to the cut, a
-  partial name at the cut is dropped, and after a syntax error the rest is dropped (``[invalid JSON: rest
-  dropped]``), so no value of a sensitive name can survive a cut;
+* ``application/json`` and ``*+json`` (also JSON lines): stored as sent (formatting and repeated names
+  kept), except that every value of a sensitive name, at any depth, becomes ``"[REDACTED]"`` (an object or
+  array under a sensitive name goes whole). Names are compared after JSON unescaping (``"pass\\u0077ord"``
+  is ``password``). A body cut at the cap, or not valid JSON, is read by a tolerant tokenizer: values of
+  sensitive names are masked up to the cut, a partial name at the cut is dropped, and at the first syntax
+  error (unquoted names, single quotes, a form labelled JSON) the rest is dropped and replaced by
+  ``[invalid JSON: rest dropped]``. No value of a sensitive name can survive a cut;
 * ``application/x-www-form-urlencoded``: field by field, with the same rules as query strings;
 * ``multipart/form-data``: rendered as a JSON object of its fields; text fields are redacted by name, file
   parts (a filename, or a non-text content type) are never stored:
@@ -206,28 +208,31 @@ _WS = re.compile(r"[ \t\r\n]+")
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _SCALAR = re.compile(r'[^\s{}\[\]:,"]+')
 _SKIP_STOPS = re.compile(r'["{}\[\]]')
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_PARTIAL_NUMBER = re.compile(r"-?[0-9]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]*)?")
+_LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
 
 
-def _has_sensitive_name(tree: Any, redactor: Redactor) -> bool:
-    pending = [tree]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if redactor.is_sensitive(key):
-                    return True
-                pending.append(item)
-        elif isinstance(value, list):
-            pending.extend(value)
+def _is_scalar(token: str, at_end: bool) -> bool:
+    """A JSON number or literal; at the end of a cut text, also the beginning of one."""
+    if token in _LITERALS or _NUMBER.fullmatch(token):
+        return True
+    if at_end:
+        return any(literal.startswith(token) for literal in _LITERALS) or bool(_PARTIAL_NUMBER.fullmatch(token))
     return False
 
 
-def _redact_tree(value: Any, redactor: Redactor) -> Any:
-    if isinstance(value, dict):
-        return {k: (REDACTED if redactor.is_sensitive(k) else _redact_tree(v, redactor)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact_tree(v, redactor) for v in value]
-    return value
+def _needs_redaction(text: str, redactor: Redactor) -> bool:
+    """Parse ``text`` as JSON (ValueError/RecursionError if it is not) and tell whether any name, at any
+    depth, is sensitive. Every key is seen, repeated ones included (``object_pairs_hook``)."""
+    found: List[bool] = []
+
+    def check(pairs: List[Tuple[str, Any]]) -> None:
+        if not found and any(redactor.is_sensitive(key) for key, _ in pairs):
+            found.append(True)
+
+    json.loads(text, object_pairs_hook=check)
+    return bool(found)
 
 
 def _skip_value(text: str, pos: int) -> int:
@@ -362,8 +367,8 @@ def _tokenize_redact(text: str, redactor: Redactor) -> Tuple[str, bool]:
             pos = match.end()
             continue
         match = _SCALAR.match(text, pos)
-        if match is None:
-            return "".join(out), True
+        if match is None or not _is_scalar(match.group(), at_end=match.end() == end):
+            return "".join(out), True  # not JSON (a form or a word labelled JSON): the rest is dropped
         out.append(match.group())
         frame.expect = "comma"
         pos = match.end()
@@ -374,15 +379,13 @@ def redact_json_text(text: str, redactor: Redactor, truncated: bool = False) -> 
     """Redact a JSON document (or JSON lines); returns (text, invalid). ``truncated``: it may be cut."""
     if not truncated:
         try:
-            tree = json.loads(text)
-            if not _has_sensitive_name(tree, redactor):
-                return text, False  # nothing to redact: the document exactly as sent
-            return json.dumps(_redact_tree(tree, redactor), ensure_ascii=False), False
+            if not _needs_redaction(text, redactor):
+                return text, False  # valid JSON without a sensitive name: exactly as sent
         except (ValueError, RecursionError):
             pass
     redacted, invalid = _tokenize_redact(text, redactor)
     if invalid:
-        redacted = redacted.rstrip() + " [invalid JSON: rest dropped]"
+        redacted = (redacted.rstrip() + " " if redacted.strip() else "") + "[invalid JSON: rest dropped]"
     return redacted, invalid
 
 

@@ -6,6 +6,8 @@ are widely readable. What an audit record needs from them is gathered here, on t
 into the request's scope when the server span starts, and reads it when it builds the record:
 
 * the socket peer, and ``X-Forwarded-For`` (kept only when ``O2_AUDIT_TRUSTED_PROXIES`` is set);
+* the query string as received, still percent-encoded (the ASGI instrumentation reports it decoded, where
+  ``token=a%26b`` and ``token=a&b`` look alike and the second half of a token would escape redaction);
 * the value of ``O2_AUDIT_USER_HEADER`` (kept only when trusted proxies are set; honoured only when the
   peer is one of them);
 * the username of HTTP Basic authentication: the ``Authorization`` header is decoded here and reduced to
@@ -38,6 +40,7 @@ from typing import Any, Awaitable, Callable, Dict, Iterable, List, MutableMappin
 from .body import BodyCapture, parse_content_length
 from .config import O2AuditConfig
 from .proxies import Network
+from .redact import Redactor
 from .scope import RequestFacts, bind_facts, current_facts, release_facts
 
 __all__ = ["O2AuditASGIMiddleware", "O2AuditWSGIMiddleware", "patch_frameworks", "startup_warnings",
@@ -58,6 +61,7 @@ _MAX_AUTHORIZATION = 4096
 #: A user header value longer than this is ignored.
 _MAX_USER_HEADER = 1024
 _BODYLESS_VERSIONS = ("1.0", "1.1")
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 
 
 class _Settings:
@@ -67,8 +71,11 @@ class _Settings:
 
     def __init__(self, config: O2AuditConfig) -> None:
         self.trusted: Tuple[Network, ...] = tuple(config.trusted_proxies)
-        # The user header only counts from a trusted proxy: without any, it is never read.
+        # The user header only counts from a trusted proxy: without any, it is never read. A credential
+        # header is never an identity.
         header = config.user_header if self.trusted else None
+        if header is not None and header.lower() in _CREDENTIAL_HEADERS:
+            header = None
         self.user_header: Optional[bytes] = header.lower().encode("latin-1") if header else None
         self.user_header_environ: Optional[str] = (
             "HTTP_" + header.upper().replace("-", "_") if header else None
@@ -93,6 +100,11 @@ def startup_warnings(config: O2AuditConfig) -> List[str]:
         messages.append(
             f"O2_AUDIT_USER_HEADER={config.user_header} is set but O2_AUDIT_TRUSTED_PROXIES is empty: the header "
             "is never honoured (any caller could send it); list the proxies that set it in O2_AUDIT_TRUSTED_PROXIES"
+        )
+    if config.user_header and config.user_header.lower() in _CREDENTIAL_HEADERS:
+        messages.append(
+            f"O2_AUDIT_USER_HEADER={config.user_header} names a credential header: it is never used as an identity; "
+            "name the header your authenticating proxy sets (e.g. X-Forwarded-Email)"
         )
     everyone = [str(n) for n in config.trusted_proxies if n.prefixlen == 0]
     if everyone:
@@ -162,6 +174,9 @@ def _asgi_facts(settings: _Settings, scope: Scope) -> RequestFacts:
     client = scope.get("client")
     peer = str(client[0]) if client else None
     facts = RequestFacts(peer, settings.trusted)
+    query = scope.get("query_string")
+    if isinstance(query, bytes):
+        facts.query = query.decode("utf-8", "replace")
     forwarded: List[bytes] = []
     users: List[bytes] = []
     content_type = content_encoding = content_length = None
@@ -268,7 +283,7 @@ class _CapturingInput:
             _logger.debug("otel-o2audit: body capture failed", exc_info=True)
         return data
 
-    def read(self, size: Optional[int] = -1, /) -> Any:
+    def read(self, size: Optional[int] = -1) -> Any:
         if size is None or size < 0:
             data = self._stream.read()
             self._seen(data)
@@ -277,12 +292,12 @@ class _CapturingInput:
             return data
         return self._seen(self._stream.read(size), size)
 
-    def readline(self, size: Optional[int] = -1, /) -> Any:
+    def readline(self, size: Optional[int] = -1) -> Any:
         if size is None or size < 0:
             return self._seen(self._stream.readline())
         return self._seen(self._stream.readline(size), size)
 
-    def readlines(self, hint: Optional[int] = -1, /) -> List[Any]:
+    def readlines(self, hint: Optional[int] = -1) -> List[Any]:
         lines: List[Any] = self._stream.readlines() if hint is None or hint < 0 else self._stream.readlines(hint)
         for line in lines:
             self._seen(line)
@@ -290,7 +305,7 @@ class _CapturingInput:
             self._capture.complete = True
         return lines
 
-    def readinto(self, buffer: Any, /) -> Any:
+    def readinto(self, buffer: Any) -> Any:
         readinto = getattr(self._stream, "readinto", None)
         if readinto is None:
             data = self._stream.read(len(buffer))
@@ -318,6 +333,9 @@ class _CapturingInput:
 def _wsgi_facts(settings: _Settings, environ: Dict[str, Any]) -> RequestFacts:
     peer = environ.get("REMOTE_ADDR") or None
     facts = RequestFacts(str(peer) if peer is not None else None, settings.trusted)
+    query = environ.get("QUERY_STRING")
+    if isinstance(query, str):
+        facts.query = query.encode("latin-1", "replace").decode("utf-8", "replace")
     authorization = environ.get("HTTP_AUTHORIZATION")
     if authorization:
         facts.basic_user = basic_username(str(authorization).encode("latin-1", "replace"))
@@ -419,18 +437,47 @@ def _patch_wsgi_class(cls: type) -> None:
     cls.__call__ = __call__  # type: ignore[method-assign]
 
 
+class _AccessLogRedaction(logging.Filter):
+    """Redacts query strings in uvicorn's access log lines (``"GET /path?token=... HTTP/1.1" 200``)."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            args = record.args
+            # uvicorn: ('%s - "%s %s HTTP/%s" %d', client, method, path_with_query, version, status)
+            if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+                path, _, query = args[2].partition("?")
+                record.args = (*args[:2], f"{path}?{self._redactor.redact_query(query)}", *args[3:])
+        except Exception:  # a log filter must never break logging
+            _logger.debug("otel-o2audit: could not redact an access log line", exc_info=True)
+        return True
+
+
+def _redact_access_log(config: O2AuditConfig) -> None:
+    logger = logging.getLogger("uvicorn.access")
+    for existing in list(logger.filters):
+        if isinstance(existing, _AccessLogRedaction):
+            logger.removeFilter(existing)
+    logger.addFilter(_AccessLogRedaction(config.redactor()))
+
+
 def patch_frameworks(config: O2AuditConfig) -> None:
     """Zero-code: make every Starlette/FastAPI and Flask application gather audit facts.
 
     Wraps ``__call__`` of ``starlette.applications.Starlette``, of FastAPI's own class (``fastapi.
     applications.FastAPI``, which FastAPIInstrumentor subclasses) and of ``flask.Flask``, so the facts are
     bound before any middleware of the application runs, OpenTelemetry's included. Applies to applications
-    built before and after the call. Idempotent (a later call replaces the settings); never raises; logs the
-    :func:`startup_warnings` once.
+    built before and after the call. Also masks sensitive query values in uvicorn's access log lines
+    (``uvicorn.access``), which would otherwise print tokens sent in URLs. Idempotent (a later call replaces
+    the settings); never raises; logs the :func:`startup_warnings` once.
     """
     try:
         settings = _Settings(config)
         _log_startup_warnings(config)
+        _redact_access_log(config)
     except Exception:
         _logger.exception("otel-o2audit: invalid settings for the framework middleware; not installed")
         return
@@ -460,6 +507,10 @@ def _patch_classes(module_name: str, names: Tuple[str, ...], patch: Callable[[ty
 
 def unpatch_frameworks() -> None:
     """Undo :func:`patch_frameworks` (for tests)."""
+    logger = logging.getLogger("uvicorn.access")
+    for existing in list(logger.filters):
+        if isinstance(existing, _AccessLogRedaction):
+            logger.removeFilter(existing)
     with _patch_lock:
         _zero_code.clear()
         while _originals:

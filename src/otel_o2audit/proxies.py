@@ -30,7 +30,8 @@ import ipaddress
 import re
 from typing import Optional, Sequence, Union
 
-__all__ = ["MAX_HEADER_CHARS", "MAX_HOPS", "Network", "is_trusted", "parse_address", "resolve_client_ip"]
+__all__ = ["MAX_HEADER_CHARS", "MAX_HOPS", "Network", "clean_peer", "is_trusted", "parse_address", "peer_is_trusted",
+           "resolve_client_ip"]
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]

@@ -248,7 +248,8 @@ class RecordBuilder:
             "protocol": "http",
             "http_method": method,
             "http_path": path,
-            "http_query_params": self._redactor.redact_query(_request_query(attributes)),
+            "http_query_params": self._redactor.redact_query(
+                facts.query if facts is not None and facts.query is not None else _request_query(attributes)),
             "http_body": "",
             "http_response_code": status,
             "trace_id": trace_id,

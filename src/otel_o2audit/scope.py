@@ -8,10 +8,11 @@ pool, nested ASGI apps) sees the same scope object, because context copies share
 * a second SERVER span started inside the request (FastAPI's native span of a mounted sub-application, say)
   finds the scope already open and is folded into it instead of producing a second record;
 * the request facts that spans do not carry (socket peer, ``X-Forwarded-For``, a trusted proxy's user
-  header, the Basic-auth username, the captured body) are gathered by the library's ASGI/WSGI middleware
-  (:mod:`otel_o2audit.middleware`) into a :class:`RequestFacts` object, bound to a second context variable
-  before the instrumentation's middleware starts the server span; :func:`open_scope` links it into the
-  scope. None of it is ever put on a span attribute, so credentials and bodies stay out of traces.
+  header, the Basic-auth username, the raw query string, the captured body) are gathered by the library's
+  ASGI/WSGI middleware (:mod:`otel_o2audit.middleware`) into a :class:`RequestFacts` object, bound to a
+  second context variable before the instrumentation's middleware starts the server span;
+  :func:`open_scope` links it into the scope. None of it is ever put on a span attribute, so credentials
+  and bodies stay out of traces.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ class RequestFacts:
     """What the library's middleware saw of one request before the instrumentation started its span.
 
     Filled on the request path (cheaply: a single pass over the headers), read on the processor's worker
-    thread when the record is built. It never holds a credential: the Authorization header is reduced to
-    the Basic-auth username on the spot (the password is dropped), and the user header's value is kept
-    only when a trusted proxy list is configured (whether the peer is trusted is decided when the record
-    is built). Its ``repr`` shows no values.
+    thread when the record is built. It never holds the Authorization header: that is reduced to the
+    Basic-auth username on the spot (the password is dropped). The user header's value is kept only when
+    a trusted proxy list is configured (whether the peer is trusted is decided when the record is built).
+    The raw query string and the captured body may hold secrets, as the span's own URL attributes may:
+    both are redacted when the record is built and never logged. Its ``repr`` shows no values.
     """
 
-    __slots__ = ("active", "basic_user", "body", "forwarded_for", "forwarded_user", "peer", "trusted")
+    __slots__ = ("active", "basic_user", "body", "forwarded_for", "forwarded_user", "peer", "query", "trusted")
 
     def __init__(self, peer: Optional[str], trusted: Tuple[Network, ...] = ()) -> None:
         #: True while the middleware's call is running; only active facts are linked into a new scope.
@@ -62,6 +64,10 @@ class RequestFacts:
         self.basic_user: Optional[str] = None
         #: The captured request body, when body capture is on and the request has one.
         self.body: Optional[BodyCapture] = None
+        #: The query string exactly as received (still percent-encoded): the ASGI instrumentation reports it
+        #: only percent-DECODED (``http.url``) under the default semantic conventions, which makes the
+        #: boundaries between parameters ambiguous (``token=a%26b`` reads ``token=a&b``).
+        self.query: Optional[str] = None
 
     def __repr__(self) -> str:
         return (f"RequestFacts(peer={'set' if self.peer else None}, forwarded_for="

@@ -1,0 +1,1 @@
+"""Applications and helpers for the trust tests (identity, client address, bodies, redaction, zero-code)."""
