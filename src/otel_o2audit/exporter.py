@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from .client import DeliveryReport, Sink, make_sink
 from .config import ConfigError, O2AuditConfig
 from .record import AuditRecord, RecordBuilder
+from .redact import Redactor
 from .scope import RequestScope
 from .stats import COUNTERS, ensure_fork_hook
 
@@ -29,10 +30,10 @@ class O2AuditSpanExporter(SpanExporter):
     """
 
     def __init__(self, config: Optional[O2AuditConfig] = None, *, sink: Optional[Sink] = None,
-                 **overrides: Any) -> None:
+                 redactor: Optional[Redactor] = None, **overrides: Any) -> None:
         ensure_fork_hook()
         self._inert_reason: Optional[str] = None
-        from_sdk = config is None and sink is None and not overrides
+        from_sdk = config is None and sink is None and redactor is None and not overrides
         if from_sdk:
             # Built with no arguments: by the SDK for OTEL_TRACES_EXPORTER=o2audit. It must not raise into
             # start-up (that would abort all instrumentation), so errors follow the zero-code rules.
@@ -40,7 +41,8 @@ class O2AuditSpanExporter(SpanExporter):
         elif config is None:
             config = O2AuditConfig.from_env(**overrides)
         self.config: O2AuditConfig = config
-        self._builder = RecordBuilder(config.skip_table(), config.redactor())
+        # The redaction policy: the default names plus O2_AUDIT_REDACT, or a Redactor of the caller's.
+        self._builder = RecordBuilder(config.skip_table(), redactor or config.redactor())
         self._sink: Optional[Sink] = sink
         if self._sink is None and self._inert_reason is None:
             try:

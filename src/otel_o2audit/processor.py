@@ -164,14 +164,18 @@ class O2AuditSpanProcessor(SpanProcessor):
             return
         try:
             scope = open_scope(span)
+            if scope is not None:  # the common case: the request's outermost SERVER span
+                self._scopes[scope.span_id] = scope
+                return
+            scope = current_scope()
             if scope is None:
-                scope = current_scope()
-                if scope is not None and scope.span_id != span.context.span_id:
-                    # A nested SERVER span: the request's record waits for it (see _build).
-                    with self._nested_lock:
-                        self._nested_open[scope.span_id] = self._nested_open.get(scope.span_id, 0) + 1
-            if scope is not None:
-                self._scopes[span.context.span_id] = scope
+                return
+            span_id = span.context.span_id
+            if scope.span_id != span_id:
+                # A nested SERVER span: the request's record waits for it (see _build).
+                with self._nested_lock:
+                    self._nested_open[scope.span_id] = self._nested_open.get(scope.span_id, 0) + 1
+            self._scopes[span_id] = scope
         except Exception:  # never raise into the application
             _logger.debug("otel-o2audit: on_start failed", exc_info=True)
 

@@ -223,7 +223,8 @@ class RecordBuilder:
         """Return the record for ``span``; None when it is not an HTTP server span or not audited."""
         if span.kind is not SpanKind.SERVER:
             return None
-        attributes: Mapping[str, Any] = span.attributes or {}
+        # One copy into a plain dict: the SDK's attribute mapping makes every lookup a slow Python call.
+        attributes: Mapping[str, Any] = dict(span.attributes) if span.attributes else {}
         method = request_method(attributes)
         if method is None:
             return None

@@ -13,7 +13,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from .config import O2AuditConfig
+from .exporter import O2AuditSpanExporter
 from .processor import O2AuditSpanProcessor
+from .redact import Redactor
 from .sampling import ensure_audit_sampler
 from .stats import register_metrics
 
@@ -26,11 +28,11 @@ _EXCLUDED_URLS = re.compile(r"OTEL_PYTHON_(?:[A-Z0-9_]+_)?EXCLUDED_URLS")
 
 
 def install(tracer_provider: Optional[TracerProvider] = None, *, config: Optional[O2AuditConfig] = None,
-            **overrides: Any) -> O2AuditSpanProcessor:
+            redactor: Optional[Redactor] = None, **overrides: Any) -> O2AuditSpanProcessor:
     """Add the audit processor to ``tracer_provider`` (default: the global one) and return it.
 
     Settings come from the ``O2_AUDIT_*`` environment, overridden by keywords named like the config
-    fields (``endpoint=``, ``batch_size=``, ...). Calling it again for the same provider returns the
+    fields (``endpoint=``, ``batch_size=``, ...); ``redactor`` replaces the redaction policy. Calling it again for the same provider returns the
     processor already installed. Raises :class:`~otel_o2audit.ConfigError` for an invalid configuration
     and ``TypeError`` when the provider is not the SDK's. Code setup is an explicit opt-in: it does not
     depend on ``O2_AUDIT_ENABLED``. It also wraps the provider's sampler so that no sampling decision can
@@ -49,7 +51,7 @@ def install(tracer_provider: Optional[TracerProvider] = None, *, config: Optiona
                 _logger.warning("otel-o2audit: already installed on this TracerProvider; new settings ignored")
             return existing
         cfg = config if config is not None else O2AuditConfig.from_env(**overrides)
-        processor = O2AuditSpanProcessor(config=cfg)
+        processor = O2AuditSpanProcessor(O2AuditSpanExporter(cfg, redactor=redactor))
         # Sampling must not be able to remove a request from the audit trail.
         ensure_audit_sampler(provider)
         provider.add_span_processor(processor)
