@@ -32,11 +32,12 @@ def install(tracer_provider: Optional[TracerProvider] = None, *, config: Optiona
     """Add the audit processor to ``tracer_provider`` (default: the global one) and return it.
 
     Settings come from the ``O2_AUDIT_*`` environment, overridden by keywords named like the config
-    fields (``endpoint=``, ``batch_size=``, ...); ``redactor`` replaces the redaction policy. Calling it again for the same provider returns the
-    processor already installed. Raises :class:`~otel_o2audit.ConfigError` for an invalid configuration
-    and ``TypeError`` when the provider is not the SDK's. Code setup is an explicit opt-in: it does not
-    depend on ``O2_AUDIT_ENABLED``. It also wraps the provider's sampler so that no sampling decision can
-    drop a SERVER span (see :mod:`otel_o2audit.sampling`): call it before creating tracers or instrumenting.
+    fields (``endpoint=``, ``batch_size=``, ...); ``redactor`` replaces the redaction policy. Calling it
+    again for the same provider returns the processor already installed. Raises
+    :class:`~otel_o2audit.ConfigError` for an invalid configuration and ``TypeError`` when the provider is
+    not the SDK's. Code setup is an explicit opt-in: it does not depend on ``O2_AUDIT_ENABLED``. It also
+    wraps the provider's sampler so that no sampling decision can drop a SERVER span (see
+    :mod:`otel_o2audit.sampling`): call it before creating tracers or instrumenting.
     """
     provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
