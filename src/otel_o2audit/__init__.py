@@ -22,7 +22,7 @@ from .scope import set_user
 from .setup import install
 from .stats import COUNTER_KEYS, stats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "COUNTER_KEYS",
