@@ -65,7 +65,8 @@ def sink() -> Tuple[str, Optional[Path], int]:
 def start_app(port: int, endpoint: str) -> subprocess.Popen[bytes]:
     """Start uvicorn under opentelemetry-instrument with the audit processor switched on."""
     env = dict(os.environ, O2_AUDIT_ENABLED="true", O2_AUDIT_ENDPOINT=endpoint, O2_AUDIT_BATCH_SIZE="25",
-               O2_AUDIT_PUBLISH_INTERVAL="2", OTEL_SERVICE_NAME="dashboards-api", OTEL_TRACES_EXPORTER="none",
+               O2_AUDIT_PUBLISH_INTERVAL="2", O2_AUDIT_CAPTURE_BODY="true",
+               OTEL_SERVICE_NAME="dashboards-api", OTEL_TRACES_EXPORTER="none",
                OTEL_METRICS_EXPORTER="none", OTEL_LOGS_EXPORTER="none")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env["PATH"] = os.pathsep.join((str(BIN), os.environ.get("PATH", "")))
@@ -186,6 +187,16 @@ def print_table(records: list[dict[str, Any]]) -> None:
               f"{float(r.get('duration_ms') or 0):>7.1f}  {cut(r.get('error_msg', ''), 40)}")
 
 
+def show_login(records: list[dict[str, Any]]) -> None:
+    """Show what the trail keeps of a login: who tried, from where, and the body with its secret redacted."""
+    for record in records:
+        if record.get("http_path") == "/auth/login" and record.get("http_body"):
+            keys = ("user_email", "client_ip", "user_agent", "http_response_code", "http_body", "event_id")
+            shown = {k: record[k] for k in keys if k in record}
+            print(f"a login as recorded (body capture on, password redacted):\n  {json.dumps(shown)}")
+            return
+
+
 def compare(records: list[dict[str, Any]], expected: Counter[Key]) -> bool:
     """Print the totals and any difference between the expected and the written records."""
     actual = Counter((r.get("http_method"), r.get("http_path"), r.get("http_response_code")) for r in records)
@@ -252,7 +263,7 @@ def main() -> int:
         return 0
     text = path.read_bytes()[offset:].decode() if path.exists() else ""
     try:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = [json.loads(line) for line in text.split("\n") if line.strip()]
     except ValueError as exc:
         fail(f"{path} holds a line that is not JSON: {exc}")
     if not records:
@@ -260,6 +271,7 @@ def main() -> int:
     print()
     print_table(records)
     same = compare(records, driver.expected)
+    show_login(records)
     print(f"file: {path}\nsee one whole record: head -1 {path} | python -m json.tool")
     return 0 if same else 1
 
