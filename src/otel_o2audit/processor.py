@@ -471,7 +471,7 @@ class O2AuditSpanProcessor(SpanProcessor):
     def _publish(self, store: Store, batch: Batch, deadline: Optional[float]) -> bool:
         self._inflight = len(batch.records)
         try:
-            records = self._drop_expired(store, batch.records)
+            records, expired = self._split_expired(batch.records)
             now = time.monotonic()
             send_deadline = now + self._config.retry_max_elapsed
             if deadline is not None:
@@ -489,6 +489,7 @@ class O2AuditSpanProcessor(SpanProcessor):
                 _logger.warning("otel-o2audit: %d audit records kept in the spool, retrying in %.0fs: %s",
                                 len(records), _RETRY_LATER, report.reason)
                 return False
+            self._expire(store, expired)  # only now: a kept batch is split again when it is retaken
             self._settle(store, batch, records, report)
             return report.ok
         finally:
@@ -513,12 +514,18 @@ class O2AuditSpanProcessor(SpanProcessor):
         store.settle(batch)
         self._retry_after = 0.0
 
-    def _drop_expired(self, store: Store, records: List[AuditRecord]) -> List[AuditRecord]:
+    def _split_expired(self, records: List[AuditRecord]) -> Tuple[List[AuditRecord], List[AuditRecord]]:
         # OpenObserve rejects records older than its ingestion window one by one: do not send them.
         limit = (time.time() - self._config.max_record_age) * 1e6
-        expired = [r for r in records if int(r.get("_timestamp") or 0) < limit]
+        fresh: List[AuditRecord] = []
+        expired: List[AuditRecord] = []
+        for record in records:
+            (expired if int(record.get("_timestamp") or 0) < limit else fresh).append(record)
+        return fresh, expired
+
+    def _expire(self, store: Store, expired: List[AuditRecord]) -> None:
         if not expired:
-            return records
+            return
         self._count("expired", len(expired))
         if self._chain is not None:
             self._chain.note_lost(expired)
@@ -529,7 +536,6 @@ class O2AuditSpanProcessor(SpanProcessor):
             where = "discarded (no spool)"
         _logger.warning("otel-o2audit: %d audit records EXPIRED (older than O2_AUDIT_MAX_RECORD_AGE=%gs), %s",
                         len(expired), self._config.max_record_age, where)
-        return [r for r in records if int(r.get("_timestamp") or 0) >= limit]
 
     def _report(self, force: bool = False) -> None:
         now = time.monotonic()

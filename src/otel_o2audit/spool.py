@@ -44,7 +44,7 @@ _logger = logging.getLogger("otel_o2audit")
 _SEGMENT_BYTES = 8 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
 _ADOPT_EVERY = 10.0
-_COLLECT_EVERY = 0.25  # how often the collector writes what it captured (the SIGKILL exposure)
+_COUNTED = b"-"  # a line starting with this is a corrupt line already counted as lost
 
 
 try:  # pragma: no cover - POSIX only; without flock a spool cannot be shared safely
@@ -64,7 +64,7 @@ except ImportError:  # pragma: no cover
 
 
 class _Segment:
-    __slots__ = ("acked", "bad", "count", "fd", "live", "name", "path", "read_pos", "size")
+    __slots__ = ("acked", "adopted", "bad", "count", "fd", "live", "name", "path", "read_pos", "size")
 
     def __init__(self, path: str, fd: int, size: int, acked: int, live: bool) -> None:
         self.path = path
@@ -74,8 +74,18 @@ class _Segment:
         self.acked = acked
         self.read_pos = acked
         self.live = live
+        self.adopted = False  # written by another (dead) process or an earlier run: replayed records
         self.count = 0  # records not yet settled (approximate for adopted segments until read)
         self.bad: set[int] = set()  # offsets of corrupt lines already counted
+
+
+def _creation_key(name: str) -> Tuple[int, int]:
+    """(creation ns, sequence) from ``seg-<host>-<pid>-<ns>-<n>.log``; host names may contain dashes."""
+    parts = name[: -len(".log")].rsplit("-", 3)
+    try:
+        return int(parts[2]), int(parts[3])
+    except (IndexError, ValueError):
+        return 0, 0
 
 
 def _encode_line(record: AuditRecord) -> bytes:
@@ -115,6 +125,7 @@ class SpoolStore:
         self._dirty_since: Optional[float] = None
         self._last_adopt = 0.0
         self._bytes_elsewhere = 0  # other processes' segments, refreshed on each adoption scan
+        self._side_bytes = self._scan_side_bytes()  # expired/ and rejected/ count against the budget too
         self._sequence = 0
         self._closed = False
         self._open_live()
@@ -191,13 +202,15 @@ class SpoolStore:
             if not same:
                 os.close(fd)
                 continue
-            candidates.append((name.split("-")[3:4], path, fd))
+            candidates.append((_creation_key(name), path, fd))
         self._bytes_elsewhere = elsewhere
+        self._side_bytes = self._scan_side_bytes()
         # Oldest first: by creation time in the name, then by name.
         for _, path, fd in sorted(candidates, key=lambda c: (c[0], c[1])):
             size = os.fstat(fd).st_size
             acked = min(self._read_ack(path), size)
             segment = _Segment(path, fd, size, acked, live=False)
+            segment.adopted = True
             segment.count = self._count_lines(segment)
             if segment.count == 0 and acked >= size:
                 self._remove(segment)
@@ -222,7 +235,16 @@ class SpoolStore:
         return count
 
     def _total_bytes(self) -> int:
-        return self._bytes_elsewhere + sum(s.size - s.acked for s in self._segments)
+        return self._bytes_elsewhere + self._side_bytes + sum(s.size - s.acked for s in self._segments)
+
+    def _scan_side_bytes(self) -> int:
+        total = 0
+        for folder in ("expired", "rejected"):
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(os.path.join(self._dir, folder)):
+                    with contextlib.suppress(OSError):
+                        total += entry.stat().st_size
+        return total
 
     # ------------------------------------------------------------------ Store interface
     def add(self, records: Sequence[AuditRecord]) -> int:
@@ -256,6 +278,9 @@ class SpoolStore:
                 while view:
                     view = view[os.write(live.fd, view):]
             except OSError as exc:
+                # Cut a partial write back off, so the file holds whole lines and matches our size.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(live.fd, live.size)
                 COUNTERS.add("lost", len(lines))
                 _logger.error("otel-o2audit: %d audit records LOST: cannot write the spool: %s", len(lines), exc)
                 return 0
@@ -281,7 +306,7 @@ class SpoolStore:
         with self._lock:
             for segment in self._segments:
                 if segment.read_pos < segment.size:
-                    if not segment.live:
+                    if segment.adopted:
                         return 0
                     records, _ = self._read_lines(segment, segment.read_pos, 1)
                     if records:
@@ -292,8 +317,8 @@ class SpoolStore:
     def _read_lines(self, segment: _Segment, start: int, limit: int) -> Tuple[List[AuditRecord], int]:
         """Up to ``limit`` decoded records from ``start``, and the offset just after the last line consumed.
 
-        Corrupt lines are consumed (and counted once); a torn last line without its newline is consumed only
-        in a file no process writes any more.
+        Corrupt lines are consumed and counted once (see :meth:`_corrupt`); a torn last line without its
+        newline is handled only in a file no process writes any more.
         """
         out: List[AuditRecord] = []
         offset = start
@@ -308,37 +333,51 @@ class SpoolStore:
                 if end < 0:
                     break
                 line, buffer = buffer[:end], buffer[end + 1 :]
-                offset += end + 1
+                line_start, offset = offset, offset + end + 1
+                if line.startswith(_COUNTED):
+                    continue  # a corrupt line an earlier reader already counted
                 record = _decode_line(line)
                 if record is None:
-                    self._corrupt(segment, offset)
+                    self._corrupt(segment, line_start, offset)
                     continue
                 out.append(record)
         if len(out) < limit and buffer and b"\n" not in buffer and offset + len(buffer) >= segment.size \
                 and not segment.live:
-            self._corrupt(segment, segment.size)
+            self._corrupt(segment, offset, None)
             offset = segment.size
         return out, offset
 
-    def _corrupt(self, segment: _Segment, offset: int) -> None:
-        if offset in segment.bad:
+    def _corrupt(self, segment: _Segment, start: int, end: Optional[int]) -> None:
+        """Count a torn or corrupt line once, ever: mark it in the file (which we own) before counting."""
+        if start in segment.bad:
             return
-        segment.bad.add(offset)
+        segment.bad.add(start)
+        if segment.adopted:  # only files we opened without O_APPEND, which no one else writes
+            try:
+                if end is None:  # a torn tail: cut it off
+                    os.ftruncate(segment.fd, start)
+                    segment.size = start
+                else:  # overwrite in place with a marker line of the same length
+                    os.pwrite(segment.fd, _COUNTED + b"-" * max(0, end - start - 1 - len(_COUNTED)) + b"\n", start)
+            except OSError as exc:
+                _logger.warning("otel-o2audit: cannot mark a corrupt line in %s: %s", segment.name, exc)
         COUNTERS.add("lost")
-        _logger.error("otel-o2audit: 1 audit record LOST: a torn or corrupt line in spool file %s before byte %d "
-                      "(a write cut by a crash); skipped", segment.name, offset)
+        _logger.error("otel-o2audit: 1 audit record LOST: a torn or corrupt line in spool file %s at byte %d "
+                      "(a write cut by a crash); skipped", segment.name, start)
 
     def take(self, limit: int) -> Optional[Batch]:
         """The next records in spool order: adopted files first, then the live segment."""
         with self._lock:
-            for segment in self._segments:
+            for segment in list(self._segments):
                 if segment.read_pos >= segment.size:
                     continue
                 records, end = self._read_lines(segment, segment.read_pos, limit)
                 if end == segment.read_pos:
+                    if not segment.live and segment.acked >= segment.size:
+                        self._forget(segment)  # nothing but a torn tail was left
                     continue
                 start, segment.read_pos = segment.read_pos, end
-                return Batch(records, token=(segment, start, end), replay=not segment.live)
+                return Batch(records, token=(segment, start, end), replay=segment.adopted)
             return None
 
     def settle(self, batch: Batch) -> None:
@@ -348,14 +387,17 @@ class SpoolStore:
             segment.acked = max(segment.acked, end)
             segment.count = max(0, segment.count - len(batch.records))
             if not segment.live and segment.acked >= segment.size:
-                self._remove(segment)
-                with contextlib.suppress(ValueError):
-                    self._segments.remove(segment)
+                self._forget(segment)
                 return
             try:
                 self._write_ack(segment)
             except OSError as exc:  # duplicates after a restart, never a loss
                 _logger.warning("otel-o2audit: cannot record spool progress for %s: %s", segment.name, exc)
+
+    def _forget(self, segment: _Segment) -> None:
+        self._remove(segment)
+        with contextlib.suppress(ValueError):
+            self._segments.remove(segment)
 
     def keep(self, batch: Batch) -> bool:
         """Rewind so the batch is taken again later; it stays on disk meanwhile."""
@@ -428,8 +470,16 @@ class SpoolStore:
             json.dumps(r, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8") + b"\n"
             for r in records
         )
-        try:
-            with open(path, "ab") as handle:
-                handle.write(data)
-        except OSError as exc:
-            _logger.error("otel-o2audit: cannot write %d records to %s: %s", len(records), path, exc)
+        with self._lock:
+            if self._total_bytes() + len(data) > self._max_bytes:
+                _logger.error("otel-o2audit: %d records NOT kept in %s/: the spool is full "
+                              "(O2_AUDIT_SPOOL_MAX_BYTES=%d); they are counted, not stored", len(records), folder,
+                              self._max_bytes)
+                return
+            try:
+                with open(path, "ab") as handle:
+                    handle.write(data)
+            except OSError as exc:
+                _logger.error("otel-o2audit: cannot write %d records to %s: %s", len(records), path, exc)
+                return
+            self._side_bytes += len(data)
