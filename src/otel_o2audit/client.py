@@ -256,7 +256,8 @@ class HttpSink:
                     second = self._send(records[half:], deadline)
                     split = first + second
                     return DeliveryReport(split.sent, split.delivered, split.rejected, split.lost,
-                                          split.attempts + attempts, split.retries + attempts - 1, split.reason)
+                                          split.attempts + attempts, split.retries + attempts - 1, split.reason,
+                                          retry_later=split.retry_later)
                 text = _server_text(response)
                 if status == 413:
                     return DeliveryReport(count, rejected=count, attempts=attempts, retries=attempts - 1,

@@ -14,7 +14,7 @@ from .config import ConfigError, O2AuditConfig
 from .record import AuditRecord, RecordBuilder
 from .redact import Redactor
 from .scope import RequestScope
-from .stats import COUNTERS, ensure_fork_hook
+from .stats import COUNTERS, ensure_fork_hook, register_metrics
 
 __all__ = ["O2AuditSpanExporter"]
 
@@ -69,6 +69,7 @@ class O2AuditSpanExporter(SpanExporter):
             # Our records wait in the SDK's BatchSpanProcessor: make SIGTERM under uvicorn flush it.
             flush_provider_on_exit()
             install_hooks()
+            register_metrics()
         return config
 
     def _fail(self, message: str, from_sdk: bool) -> None:

@@ -148,7 +148,12 @@ def _wrap_uvicorn_shutdown() -> None:
             return await original(self, *args, **kwargs)
         finally:
             # Off the event loop: the flush may wait for the sink.
-            await asyncio.to_thread(flush_all, "uvicorn shutdown")
+            if getattr(self, "_captured_signals", None):
+                # uvicorn re-raises the signal next; under gunicorn's UvicornWorker its action is the
+                # default one, which ends the process without atexit: stop the processors now.
+                await asyncio.to_thread(shutdown_all, "uvicorn shutdown")
+            else:
+                await asyncio.to_thread(flush_all, "uvicorn shutdown")
             await asyncio.to_thread(_flush_global_provider, "uvicorn shutdown")
 
     shutdown._otel_o2audit = True  # type: ignore[attr-defined]

@@ -42,7 +42,7 @@ __all__ = ["O2AuditSpanProcessor"]
 _logger = logging.getLogger("otel_o2audit")
 _SERVER = SpanKind.SERVER
 _REPORT_EVERY = 10.0
-_RETRY_LATER = 30.0  # pause after a retry window ran out while the spool keeps the batch
+_RETRY_LATER = 30.0  # longest pause before retrying a batch the spool kept
 _SPOOL_TICK = 0.25
 _NESTED_WAIT = 1.0  # how long a request's record waits for a nested SERVER span to end
 
@@ -122,6 +122,7 @@ class O2AuditSpanProcessor(SpanProcessor):
         self._stopping: Optional[float] = None
         self._collector_done = False
         self._retry_after = 0.0
+        self._keep_backoff = 0.0
         self._last_checkpoint = time.monotonic()
         self._counts_lock = threading.Lock()
         self._unreported: Dict[str, int] = {}
@@ -464,8 +465,8 @@ class O2AuditSpanProcessor(SpanProcessor):
             if batch is None:
                 break
             ok = self._publish(store, batch, deadline) and ok
-            if not ok and deadline is None:
-                break
+            if not ok and (deadline is None or time.monotonic() < self._retry_after):
+                break  # a kept batch waits for its next attempt, even in a flush
         return ok
 
     def _publish(self, store: Store, batch: Batch, deadline: Optional[float]) -> bool:
@@ -485,9 +486,13 @@ class O2AuditSpanProcessor(SpanProcessor):
                               len(records))
                 report = DeliveryReport(len(records), lost=len(records), reason=f"internal error: {type(exc).__name__}")
             if not report.ok and report.retry_later and report.delivered == 0 and store.keep(batch):
-                self._retry_after = time.monotonic() + _RETRY_LATER
-                _logger.warning("otel-o2audit: %d audit records kept in the spool, retrying in %.0fs: %s",
-                                len(records), _RETRY_LATER, report.reason)
+                # The next attempt backs off exponentially (capped), so a sink that recovers is noticed within
+                # one step and a fast failure (401/403/404) is not hammered.
+                self._keep_backoff = min(_RETRY_LATER, max(self._config.retry_initial_backoff,
+                                                           self._keep_backoff * 2))
+                self._retry_after = time.monotonic() + self._keep_backoff
+                _logger.warning("otel-o2audit: %d audit records kept in the spool, retrying in %.1fs: %s",
+                                len(records), self._keep_backoff, report.reason)
                 return False
             self._expire(store, expired)  # only now: a kept batch is split again when it is retaken
             self._settle(store, batch, records, report)
@@ -513,6 +518,7 @@ class O2AuditSpanProcessor(SpanProcessor):
                             len(records), self._config.spool_dir)
         store.settle(batch)
         self._retry_after = 0.0
+        self._keep_backoff = 0.0
 
     def _split_expired(self, records: List[AuditRecord]) -> Tuple[List[AuditRecord], List[AuditRecord]]:
         # OpenObserve rejects records older than its ingestion window one by one: do not send them.

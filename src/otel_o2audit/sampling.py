@@ -42,7 +42,10 @@ class AuditSampler(Sampler):
         """The inner sampler's decision, with DROP of a SERVER span raised to RECORD_ONLY."""
         result = self.inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
         if kind is SpanKind.SERVER and result.decision is Decision.DROP:
-            return SamplingResult(Decision.RECORD_ONLY, result.attributes, result.trace_state)
+            # The SDK starts a span with the sampler's attributes, and a DROP carries none: keep the
+            # attributes the instrumentation passed (WSGI puts method and path only there).
+            merged = {**(attributes or {}), **(result.attributes or {})}
+            return SamplingResult(Decision.RECORD_ONLY, merged, result.trace_state)
         return result
 
     def get_description(self) -> str:

@@ -4,8 +4,8 @@ Layout of ``O2_AUDIT_SPOOL_DIR``::
 
     seg-<host>-<pid>-<ns>-<n>.log    segments: one line per record, "<crc32 hex> <json>\\n"
     seg-<...>.ack                    byte offset up to which the segment's records are settled
-    expired/<segment>.jsonl          records too old for OpenObserve's ingestion window (plain JSON lines)
-    rejected/<time>-<pid>.jsonl      batches OpenObserve partly rejected, kept for inspection
+    expired/<date>-<host>-<pid>.jsonl   records too old for OpenObserve's ingestion window (JSON lines)
+    rejected/<date>-<host>-<pid>.jsonl  batches OpenObserve partly rejected, kept for inspection
 
 Every captured record is appended to the process's live segment by the collector thread before anything
 is sent, so a crash of the application loses only what the collector had not written yet (it writes at
@@ -180,9 +180,13 @@ class SpoolStore:
             names = sorted(os.listdir(self._dir))
         except OSError:
             return
+        present = set(names)
         candidates = []
         for name in names:
             path = os.path.join(self._dir, name)
+            if name.endswith(".new") or (name.endswith(".ack") and name[: -len(".ack")] + ".log" not in present):
+                self._remove_orphan(path)
+                continue
             if not (name.startswith("seg-") and name.endswith(".log")) or path in mine:
                 continue
             try:
@@ -222,6 +226,21 @@ class SpoolStore:
             self._segments.append(segment)
             if live is not None:
                 self._segments.append(live)
+
+    def _remove_orphan(self, path: str) -> None:
+        # A ".new" file whose creator died before renaming it, or an ".ack" whose segment is gone. A ".new"
+        # file that is still being created is locked by its creator, so it is left alone.
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            if path.endswith(".new") and not _try_lock(fd):
+                return
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        finally:
+            os.close(fd)
 
     def _count_lines(self, segment: _Segment) -> int:
         count = 0
@@ -384,6 +403,8 @@ class SpoolStore:
         """Acknowledge the batch on disk; delete a finished, no longer live segment."""
         segment, _start, end = batch.token
         with self._lock:
+            if self._closed:
+                return  # after close() the descriptor is gone: the next start replays the batch
             segment.acked = max(segment.acked, end)
             segment.count = max(0, segment.count - len(batch.records))
             if not segment.live and segment.acked >= segment.size:
