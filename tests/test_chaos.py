@@ -54,17 +54,6 @@ def launcher(tmp_path: Path) -> Iterator[Launcher]:
         pool.cleanup()
 
 
-@pytest.fixture
-def receiver() -> Iterator[FakeOpenObserve]:
-    fake = FakeOpenObserve().start()
-    try:
-        yield fake
-    finally:
-        fake.release()
-        fake.stop()
-    assert fake.server_errors == []
-
-
 def start_uvicorn(launcher: Launcher, receiver: FakeOpenObserve, spool: Path, **env: str) -> AppProcess:
     return launcher.uvicorn(child_env(chaos_env(receiver, spool, **env)), CHAOS_APP).wait_ready()
 

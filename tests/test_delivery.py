@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 from chaoskit import segments, side_records
@@ -26,26 +26,6 @@ from inproc import Counters, Harness, make_app, wait_until
 from o2receiver import FakeOpenObserve
 
 from otel_o2audit import processor as processor_module
-
-
-@pytest.fixture
-def receiver() -> Iterator[FakeOpenObserve]:
-    fake = FakeOpenObserve().start()
-    try:
-        yield fake
-    finally:
-        fake.release()
-        fake.stop()
-    assert fake.server_errors == []
-
-
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness()
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 @pytest.fixture

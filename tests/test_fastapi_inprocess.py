@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 from fastapi.testclient import TestClient
@@ -33,25 +33,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from otel_o2audit import REDACTED, O2AuditSpanProcessor
 
 CONTRIB_SCOPE = "opentelemetry.instrumentation.fastapi"
-
-
-@pytest.fixture
-def receiver() -> Iterator[FakeOpenObserve]:
-    fake = FakeOpenObserve().start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
-    assert fake.server_errors == []
-
-
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness()
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 class Stack:

@@ -36,26 +36,6 @@ _COUNT = re.compile(r"(\d+) (?:of \d+ )?audit records")
 _ZERO = re.compile(r"(?<![\d.])0 (?:of \d+ )?(?:audit )?records?\b")
 
 
-@pytest.fixture
-def receiver() -> Iterator[FakeOpenObserve]:
-    fake = FakeOpenObserve().start()
-    try:
-        yield fake
-    finally:
-        fake.release()
-        fake.stop()
-    assert fake.server_errors == []
-
-
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness()
-    try:
-        yield h
-    finally:
-        h.close()
-
-
 # ----------------------------------------------------------------------------------------- OTel counter
 def run_probe(mode: str, tmp_path: Path) -> Dict[str, Any]:
     audit = tmp_path / "audit.jsonl"

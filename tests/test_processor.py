@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import traceback
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import pytest
 from fastapi.testclient import TestClient
@@ -37,26 +37,6 @@ from opentelemetry.util.types import Attributes
 
 import otel_o2audit
 from otel_o2audit import O2AuditSpanProcessor
-
-
-@pytest.fixture
-def receiver() -> Iterator[FakeOpenObserve]:
-    fake = FakeOpenObserve().start()
-    try:
-        yield fake
-    finally:
-        fake.release()
-        fake.stop()
-    assert fake.server_errors == []
-
-
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness()
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 def get_many(client: TestClient, count: int, org: str = "acme", start: int = 0) -> None:

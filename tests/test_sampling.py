@@ -150,15 +150,6 @@ def drive(client: TestClient, count: int, header: Optional[Any] = None) -> List[
     return sent
 
 
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness()
-    try:
-        yield h
-    finally:
-        h.close()
-
-
 UNSAMPLED_CASES = [
     pytest.param(TraceIdRatioBased(0), None, id="traceidratio-0"),
     pytest.param(ALWAYS_OFF, None, id="always_off"),

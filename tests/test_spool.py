@@ -628,26 +628,6 @@ def test_fsync_interval_batches_syncs_on_tick_and_close(tmp_path: Path, fsyncs: 
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def receiver() -> Iterator[FakeOpenObserve]:
-    fake = FakeOpenObserve().start()
-    try:
-        yield fake
-    finally:
-        fake.release()
-        fake.stop()
-    assert fake.server_errors == []
-
-
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness()
-    try:
-        yield h
-    finally:
-        h.close()
-
-
 def spool_settings(spool: Path, **overrides: Any) -> Dict[str, Any]:
     settings: Dict[str, Any] = {"spool_dir": str(spool), "publish_interval": 60, "batch_size": 5,
                                 "retry_initial_backoff": 0.05, "retry_max_elapsed": 1, "timeout": 0.5,

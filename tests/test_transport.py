@@ -200,15 +200,6 @@ def plain() -> Iterator[FakeOpenObserve]:
 
 
 @pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness()
-    try:
-        yield h
-    finally:
-        h.close()
-
-
-@pytest.fixture
 def spans() -> Iterator[SpanMaker]:
     maker = SpanMaker()
     try:
