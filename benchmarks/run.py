@@ -12,6 +12,17 @@ Run from the repository root::
 
 It prints the tables and writes them as markdown to ``benchmarks/results.md``. Timings are never judged in
 absolute terms; PASS/MISS compare ratios with their targets, and the exit status is 0 unless ``--strict``.
+
+Delivery guarantees (issue 3, item 9), run instead of (a) and (b)::
+
+    .venv/bin/python benchmarks/run.py --outage               # (c) + (d)/(e): 10-minute outage, ~13 min wall
+    .venv/bin/python benchmarks/run.py --outage --minutes 1   # the same with a 1-minute outage, ~3 min wall
+    .venv/bin/python benchmarks/run.py --spool-path [--quick] # (c) only: request path, spool on vs 0.1 config
+
+(c) is the request path with the durable spool on against the 0.1 configuration (memory store, no spool);
+(d)/(e) run the application in child processes with OpenObserve down under steady load (spool / no spool,
+overflow=drop / no audit processor), then bring the sink back and check the drain and the books. Each of
+these writes its own marked part of ``results.md`` and keeps the rest; a plain run keeps those parts too.
 """
 
 from __future__ import annotations
@@ -20,15 +31,18 @@ import argparse
 import datetime
 import logging
 import os
+import subprocess
 import sys
 import time
 import timeit
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-from bench_report import Report, Section, fmt_ratio, verdict
+from bench_outage import outage_sections, run_outage, summary_lines
+from bench_report import Report, Section, fmt_ratio, keep_blocks, verdict, write_block
 from bench_request_path import RequestPathResults, run_request_path
 from bench_spans import build_server_spans
+from bench_spool_path import SPOOL_PATH_TARGET, run_spool_path, spool_path_sections
 from bench_throughput import (
     OTLP,
     OTLP_CPU,
@@ -274,6 +288,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--output", default=os.path.join(HERE, "results.md"), help="markdown file to write")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write the markdown file")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    item9 = parser.add_argument_group("delivery guarantees (issue 3, item 9); these replace (a) and (b)")
+    item9.add_argument("--outage", action="store_true",
+                       help="memory while the sink is down under steady load, then the drain (child processes), "
+                            "and the request path with the spool on vs the 0.1 configuration")
+    item9.add_argument("--minutes", type=float, default=10.0, help="with --outage: how long the sink is down "
+                       "(default 10; --minutes 1 for a quick check)")
+    item9.add_argument("--rate", type=float, default=500.0, help="with --outage: SERVER spans per second (500)")
+    item9.add_argument("--down", choices=("refuse", "503"), default="refuse",
+                       help="with --outage: the sink refuses connections (default) or answers 503")
+    item9.add_argument("--spool-path", action="store_true",
+                       help="only the request path with the spool on vs the 0.1 configuration")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     plan = QUICK if args.quick else FULL
@@ -282,6 +307,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     def progress(message: str) -> None:
         print(f"[{time.monotonic() - began:5.1f}s] {message}", file=sys.stderr, flush=True)
 
+    if args.outage or args.spool_path:
+        return run_item9(args, plan, progress)
     progress(f"{plan.name} run: building spans")
     info = machine_info()
     syscall_ns = _syscall_ns()
@@ -312,9 +339,63 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = Report("otel-o2audit benchmarks", lead, [machine, *sections])
     print(report.text())
     if not args.no_write:
+        markdown = keep_blocks(args.output, report.markdown())  # the --outage / --spool-path parts stay
         with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(report.markdown())
+            handle.write(markdown)
         progress(f"wrote {os.path.relpath(args.output)}")
+    return 1 if args.strict and any(missed) else 0
+
+
+def _code_version() -> str:
+    """The commit measured, and whether src/ differs from it (read-only git commands)."""
+    root = os.path.dirname(HERE)
+    try:
+        head = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h %ci"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "src"], capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return f"{head}" + (" + uncommitted changes in src/" if dirty else ", src/ as committed")
+
+
+def run_item9(args: argparse.Namespace, plan: Plan, progress: Callable[[str], None]) -> int:
+    """Issue 3, item 9: (c) the request path with the spool on, and (d)/(e) the outage benchmark."""
+    began = time.monotonic()
+    info = machine_info()
+    info["code measured"] = _code_version()
+    progress(f"{plan.name} plan: building spans")
+    path_spans = build_server_spans(plan.path_spans, seed=1)
+    store_spans = build_server_spans(plan.export_spans, seed=2).finished
+    full = plan is FULL
+    spool = run_spool_path(path_spans, plan.path_rounds, plan.e2e_rounds, plan.e2e_spans,
+                           live_phases=8 if full else 4, live_seconds=2.0 if full else 1.0,
+                           store_records=store_spans, store_repeats=3 if full else 2, progress=progress)
+    del path_spans, store_spans
+    spool_sections = spool_path_sections(spool)
+    missed = [spool.start_end.ratio > SPOOL_PATH_TARGET, spool.span_end.ratio > SPOOL_PATH_TARGET]
+    spool_lead, machine = _versions_lead(plan, info, time.monotonic() - began)
+    spool_lead[0] = (f"Run: request path with the spool on vs the 0.1 configuration ({plan.name} plan), "
+                     f"{spool_lead[0].split(', ', 1)[1]}")
+    reports = [("spool-path", Report("otel-o2audit benchmarks: request path with the durable spool (issue 3, item 9)",
+                                     spool_lead, [machine, *spool_sections]))]
+    if args.outage:
+        progress(f"(d)/(e) outage benchmark: {args.minutes:g} min at {args.rate:g} spans/s; "
+                 "modes run in child processes, at most 2 at a time")
+        outage = run_outage(args.minutes, args.rate, down=args.down, progress=progress)
+        started = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=outage.wall_s)
+        lead = [f"Run: outage of {args.minutes:g} min, started {started.strftime('%Y-%m-%d %H:%M UTC')}, "
+                f"{outage.wall_s / 60:.1f} min wall.", *summary_lines(outage)]
+        sections = outage_sections(outage)
+        missed.append(not all(run.ok for run in outage.runs.values()))
+        missed.extend(row[-1] != "PASS" for section in sections[:1] + sections[2:3] for row in section.rows)
+        title = f"otel-o2audit benchmarks: OpenObserve down {args.minutes:g} min under steady load (issue 3, item 9)"
+        reports.append((f"outage-{args.minutes:g}min", Report(title, lead, [machine, *sections])))
+    for key, report in reports:
+        print(report.text())
+        if not args.no_write:
+            write_block(args.output, key, report.markdown())
+            progress(f"wrote the {key} part of {os.path.relpath(args.output)}")
     return 1 if args.strict and any(missed) else 0
 
 

@@ -269,8 +269,9 @@ class HttpSink:
                                           retry_later=status in (401, 403, 404))
                 last_error = f"HTTP {status}: {text}"
                 retry_after = _retry_after(response)
-            backoff = min(_MAX_BACKOFF, self._initial_backoff * (2 ** (attempts - 1)))
+            backoff = self._initial_backoff * (2 ** min(attempts - 1, 30))
             backoff *= 1 + random.uniform(-_JITTER, _JITTER)  # noqa: S311 - jitter, not cryptography
+            backoff = min(_MAX_BACKOFF, backoff)  # the cap applies after the jitter
             if retry_after is not None:
                 backoff = max(backoff, min(retry_after, _MAX_BACKOFF))
             if time.monotonic() + backoff >= deadline:

@@ -340,7 +340,10 @@ class O2AuditSpanProcessor(SpanProcessor):
             self._last_checkpoint = time.monotonic()
             store.add([self._chain.checkpoint(closing=stopping is not None)])
         store.tick()
-        self._wake_at = max(1, self._batch_size - store.pending())
+        pending = store.pending()
+        # With a full batch (or a backlog) already waiting, more spans do not make a publish due: wake per
+        # batch, not per span.
+        self._wake_at = self._batch_size - pending if pending < self._batch_size else self._batch_size
         self._report()
         with self._cv:
             for flush in flushes:

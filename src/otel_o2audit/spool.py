@@ -42,7 +42,7 @@ __all__ = ["SpoolStore"]
 _logger = logging.getLogger("otel_o2audit")
 
 _SEGMENT_BYTES = 8 * 1024 * 1024
-_READ_CHUNK = 1024 * 1024
+_READ_CHUNK = 256 * 1024
 _ADOPT_EVERY = 10.0
 _COUNTED = b"-"  # a line starting with this is a corrupt line already counted as lost
 
@@ -340,19 +340,22 @@ class SpoolStore:
         newline is handled only in a file no process writes any more.
         """
         out: List[AuditRecord] = []
-        offset = start
+        offset = start  # file offset of buffer[pos]
         buffer = b""
-        while len(out) < limit and offset + len(buffer) < segment.size:
-            chunk = os.pread(segment.fd, _READ_CHUNK, offset + len(buffer))
+        pos = 0
+        while len(out) < limit and offset + len(buffer) - pos < segment.size:
+            chunk = os.pread(segment.fd, _READ_CHUNK, offset + len(buffer) - pos)
             if not chunk:
                 break
-            buffer += chunk
+            buffer = buffer[pos:] + chunk
+            pos = 0
             while len(out) < limit:
-                end = buffer.find(b"\n")
+                end = buffer.find(b"\n", pos)
                 if end < 0:
                     break
-                line, buffer = buffer[:end], buffer[end + 1 :]
-                line_start, offset = offset, offset + end + 1
+                line = buffer[pos:end]
+                line_start, offset = offset, offset + end + 1 - pos
+                pos = end + 1
                 if line.startswith(_COUNTED):
                     continue  # a corrupt line an earlier reader already counted
                 record = _decode_line(line)
@@ -360,7 +363,8 @@ class SpoolStore:
                     self._corrupt(segment, line_start, offset)
                     continue
                 out.append(record)
-        if len(out) < limit and buffer and b"\n" not in buffer and offset + len(buffer) >= segment.size \
+        rest = len(buffer) - pos
+        if len(out) < limit and rest and buffer.find(b"\n", pos) < 0 and offset + rest >= segment.size \
                 and not segment.live:
             self._corrupt(segment, offset, None)
             offset = segment.size
