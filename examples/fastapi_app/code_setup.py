@@ -28,9 +28,14 @@ otel_o2audit.install(
 
 # The instrumentation creates the SERVER spans. Passing the provider (instead of setting it globally) keeps
 # this app's audit trail independent of whatever else runs in the process.
-FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+fastapi_app = app
+FastAPIInstrumentor.instrument_app(fastapi_app, tracer_provider=provider)
+
+# Outermost: the library's middleware sees what spans do not carry (the socket peer, X-Forwarded-For from
+# trusted proxies, the Basic-auth username, the raw query string, bodies when O2_AUDIT_CAPTURE_BODY=true).
+app = otel_o2audit.O2AuditASGIMiddleware(fastapi_app)
 
 # Nothing to do at shutdown: install() also publishes pending records at interpreter exit and on
 # SIGTERM/SIGINT (uvicorn re-raises SIGTERM after its graceful shutdown, which would skip atexit).
 
-__all__ = ["app"]
+__all__ = ["app", "fastapi_app"]
