@@ -343,6 +343,7 @@ class FileSink:
     def __init__(self, path: str) -> None:
         self._path = path
         self._lock = threading.Lock()
+        _register_fork_reset(self._after_fork)
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
         if not os.access(directory, os.W_OK):
@@ -354,6 +355,10 @@ class FileSink:
     def describe(self) -> str:
         """The file's path."""
         return self._path
+
+    def _after_fork(self) -> None:
+        # A fork while another thread held the lock would leave the child's copy locked forever.
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Nothing to release: the file is opened per batch."""
