@@ -399,3 +399,28 @@ def test_provider_shutdown_shuts_the_processor_down(receiver: FakeOpenObserve, h
 
     assert processor.is_shut_down
     assert len(receiver.records_for()) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# a redaction policy of the application's own
+# --------------------------------------------------------------------------------------------------
+
+
+class _InternalIdsAreSecret(otel_o2audit.Redactor):
+    """An application policy: the default names, plus anything starting with ``internal``."""
+
+    def is_sensitive(self, name: str) -> bool:
+        return super().is_sensitive(name) or name.lower().startswith("internal")
+
+
+def test_install_takes_a_redaction_policy_of_the_applications_own(receiver: FakeOpenObserve,
+                                                                   harness: Harness) -> None:
+    provider = harness.provider()
+    processor = otel_o2audit.install(provider, redactor=_InternalIdsAreSecret(), **settings_for(
+        receiver, batch_size=10, publish_interval=60))
+    harness.track(processor)
+    with TestClient(make_app(provider)) as client:
+        client.get("/api/acme/things/1?internal_ref=abc123&token=t0k&page=2")
+    assert processor.force_flush(5000) is True
+    (record,) = receiver.records_for()
+    assert record["http_query_params"] == "internal_ref=[REDACTED]&token=[REDACTED]&page=2"
