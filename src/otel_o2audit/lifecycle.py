@@ -106,7 +106,7 @@ def _on_signal(signum: int, frame: Optional[FrameType]) -> None:
     name = signal.Signals(signum).name
     if previous is signal.SIG_IGN:
         return
-    if previous is signal.SIG_DFL or previous is None:
+    if previous is signal.SIG_DFL:
         # The default action ends the process without atexit: publish everything now.
         shutdown_all(name)
         _flush_global_provider(name)
@@ -124,8 +124,8 @@ def _install_signal_handlers() -> None:
         return
     for signum in (signal.SIGTERM, signal.SIGINT):
         current = signal.getsignal(signum)
-        if current is _on_signal:
-            continue
+        if current is _on_signal or current is None:
+            continue  # ours already, or a handler installed from C that we could not chain to
         _previous[signum] = current
         signal.signal(signum, _on_signal)
 
