@@ -38,13 +38,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .redact import REDACTED, Redactor
+from .scope import one_line
 
 __all__ = ["BodyCapture", "RenderedBody", "parse_content_length", "redact_json_text", "redact_text",
            "render_body"]
 
 _MAX_HEADER_CHARS = 256
 _MAX_FILENAME_CHARS = 128
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _REDACTED_JSON = json.dumps(REDACTED)
 
 
@@ -99,12 +99,6 @@ class RenderedBody:
     truncated: bool
     size: int
     content_type: Optional[str]
-
-
-def _clean(text: str, limit: int) -> str:
-    if _UNSAFE.search(text):
-        text = " ".join(_UNSAFE.sub(" ", text).split())
-    return text[:limit]
 
 
 def _parse_content_type(value: Optional[str]) -> Tuple[str, Dict[str, str]]:
@@ -192,11 +186,18 @@ def _inflate(data: bytes, encoding: str, limit: int) -> Optional[Tuple[bytes, bo
     return None
 
 
-def _cap_utf8(text: str, limit: int) -> Tuple[str, bool]:
+def truncate_utf8(text: str, limit: int) -> Tuple[str, bool]:
+    """``text`` cut to at most ``limit`` UTF-8 bytes without splitting a character, and whether it was cut."""
     data = text.encode("utf-8", "replace")
     if len(data) <= limit:
         return text, False
-    text = data[:limit].decode("utf-8", "ignore")
+    return data[:limit].decode("utf-8", "ignore"), True
+
+
+def _cap_utf8(text: str, limit: int) -> Tuple[str, bool]:
+    text, cut = truncate_utf8(text, limit)
+    if not cut:
+        return text, False
     for length in range(len(REDACTED) - 1, 0, -1):
         if text.endswith(REDACTED[:length]):
             return text[:-length], True  # no half marker at the end
@@ -481,19 +482,13 @@ def _render_multipart(data: bytes, boundary: str, redactor: Redactor, truncated:
         part_media, part_params = _parse_content_type(headers.get("content-type"))
         kind = _kind(part_media) if part_media else "text"
         if is_file or kind in ("binary", "multipart"):
-            described = ", ".join(p for p in (_clean(filename, _MAX_FILENAME_CHARS), _clean(part_media, 128)) if p)
+            described = ", ".join(p for p in (one_line(filename, _MAX_FILENAME_CHARS), one_line(part_media, 128)) if p)
             size = f"{'>=' if partial else ''}{len(content)} bytes"
             value: str = f"[file: {described}, {size}]" if described else f"[file: {size}]"
         elif redactor.is_sensitive(name):
             value = REDACTED
         else:
-            value = _decode(content, part_params.get("charset"), partial)
-            if kind == "json":
-                value = redact_json_text(value, redactor, partial)[0]
-            elif kind == "form":
-                value = redactor.redact_query(value)
-            else:
-                value = redact_text(value, redactor)
+            value = _redact_decoded(_decode(content, part_params.get("charset"), partial), kind, redactor, partial)
         previous = fields.get(name)
         if previous is None:
             fields[name] = value
@@ -504,9 +499,18 @@ def _render_multipart(data: bytes, boundary: str, redactor: Redactor, truncated:
     return json.dumps(fields, ensure_ascii=False), cut
 
 
+def _redact_decoded(text: str, kind: Optional[str], redactor: Redactor, partial: bool) -> str:
+    """Redact decoded body text by its kind: JSON field by field, forms like a query, anything else as text."""
+    if kind == "json":
+        return redact_json_text(text, redactor, partial)[0]
+    if kind == "form":
+        return redactor.redact_query(text)
+    return redact_text(text, redactor)
+
+
 # ---------------------------------------------------------------------------------------------- render
 def _marker(kind: str, media: str, size: int, note: str = "") -> str:
-    parts = [p for p in (_clean(media, 128), f"{size} bytes", note) if p]
+    parts = [p for p in (one_line(media, 128), f"{size} bytes", note) if p]
     return f"[{kind}: {', '.join(parts)}]"
 
 
@@ -516,7 +520,7 @@ def render_body(capture: BodyCapture, redactor: Redactor, limit: Optional[int] =
     declared = capture.declared_length
     size = max(capture.size, declared or 0)
     media, params = _parse_content_type(capture.content_type)
-    content_type = _clean(media, 128) or None
+    content_type = one_line(media, 128) or None
     if size == 0:
         return None
     data = bytes(capture.data)
@@ -526,7 +530,7 @@ def render_body(capture: BodyCapture, redactor: Redactor, limit: Optional[int] =
     encoding = (capture.content_encoding or "").strip().lower()
     if encoding and encoding != "identity":
         if encoding not in ("gzip", "x-gzip", "deflate"):
-            return RenderedBody(_marker(f"{_clean(encoding, 32)}-encoded body", media, size), truncated, size,
+            return RenderedBody(_marker(f"{one_line(encoding, 32)}-encoded body", media, size), truncated, size,
                                 content_type)
         inflated = _inflate(data, encoding, limit)
         if inflated is None:
@@ -547,13 +551,7 @@ def render_body(capture: BodyCapture, redactor: Redactor, limit: Optional[int] =
         text, cut = _render_multipart(data, boundary, redactor, truncated)
         truncated = truncated or cut
     else:
-        decoded = _decode(data, params.get("charset"), truncated)
-        if kind == "json":
-            text = redact_json_text(decoded, redactor, truncated)[0]
-        elif kind == "form":
-            text = redactor.redact_query(decoded)
-        else:
-            text = redact_text(decoded, redactor)
+        text = _redact_decoded(_decode(data, params.get("charset"), truncated), kind, redactor, truncated)
     text, cut = _cap_utf8(text, limit)
     return RenderedBody(text, truncated or cut, size, content_type)
 

@@ -71,7 +71,8 @@ class _Var:
     doc: str
 
 
-def _as_bool(value: Any, env: str) -> bool:
+def parse_bool(value: Any, env: str) -> bool:
+    """Parse a boolean setting (``true/false/1/0/yes/no/on/off``, any case); ValueError names ``env``."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -80,11 +81,6 @@ def _as_bool(value: Any, env: str) -> bool:
     if text in _FALSE:
         return False
     raise ValueError(f"{env}={value!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
-
-
-def parse_bool(value: Any, env: str) -> bool:
-    """Parse a boolean setting (``true/false/1/0/yes/no/on/off``, any case); ValueError names ``env``."""
-    return _as_bool(value, env)
 
 
 def _as_positive_int(value: Any, env: str) -> int:
@@ -258,7 +254,7 @@ def _as_header_name(value: Any, env: str) -> Optional[str]:
 
 
 _VARS: Tuple[_Var, ...] = (
-    _Var("O2_AUDIT_ENABLED", "enabled", _as_bool, False, "master switch for zero-code setup"),
+    _Var("O2_AUDIT_ENABLED", "enabled", parse_bool, False, "master switch for zero-code setup"),
     _Var("O2_AUDIT_ENDPOINT", "endpoint", _as_endpoint, None, "http(s)://host:port[/prefix] or file:///path"),
     _Var("O2_AUDIT_ORG", "org", _as_name, "_meta", "organization to write to"),
     _Var("O2_AUDIT_STREAM", "stream", _as_name, "audit", "stream to write to"),
@@ -286,7 +282,7 @@ _VARS: Tuple[_Var, ...] = (
         "routes that count as ingestion",
     ),
     _Var("O2_AUDIT_REDACT", "redact", _as_names, "", "extra sensitive names"),
-    _Var("O2_AUDIT_REQUIRED", "required", _as_bool, False, "fail start-up on a configuration error"),
+    _Var("O2_AUDIT_REQUIRED", "required", parse_bool, False, "fail start-up on a configuration error"),
     # Delivery guarantees.
     _Var("O2_AUDIT_SPOOL_DIR", "spool_dir", _as_directory, None, "durable on-disk spool"),
     _Var("O2_AUDIT_SPOOL_MAX_BYTES", "spool_max_bytes", _as_positive_int, 1024**3, "spool disk budget"),
@@ -297,7 +293,7 @@ _VARS: Tuple[_Var, ...] = (
     # Trustworthy records.
     _Var("O2_AUDIT_TRUSTED_PROXIES", "trusted_proxies", _as_networks, "", "proxies allowed to forward"),
     _Var("O2_AUDIT_USER_HEADER", "user_header", _as_header_name, None, "identity header of a trusted proxy"),
-    _Var("O2_AUDIT_CAPTURE_BODY", "capture_body", _as_bool, False, "store redacted request bodies"),
+    _Var("O2_AUDIT_CAPTURE_BODY", "capture_body", parse_bool, False, "store redacted request bodies"),
     _Var("O2_AUDIT_MAX_BODY_BYTES", "max_body_bytes", _as_positive_int, 8192, "body bytes stored"),
     _Var("O2_AUDIT_CA_BUNDLE", "ca_bundle", _as_readable_file, None, "CA bundle for TLS verification"),
     _Var("O2_AUDIT_CLIENT_CERT", "client_cert", _as_readable_file, None, "client certificate (mTLS)"),

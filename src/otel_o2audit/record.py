@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from .body import RenderedBody, render_body
+from .body import RenderedBody, render_body, truncate_utf8
 from .proxies import peer_is_trusted, resolve_client_ip
 from .redact import Redactor
 from .routes import RouteTable
@@ -168,13 +168,6 @@ def _join_routes(outer: Optional[str], inner: Optional[str]) -> Optional[str]:
     return outer.rstrip("/") + inner
 
 
-def _cap_utf8(text: str, limit: int) -> str:
-    data = text.encode("utf-8", "replace")
-    if len(data) <= limit:
-        return text
-    return data[:limit].decode("utf-8", "ignore")
-
-
 def _resolve_user(scope: Optional[RequestScope], attributes: Mapping[str, Any],
                   facts: Optional[RequestFacts]) -> Tuple[str, Optional[str]]:
     """(user_email, source): the first identity found, in the documented order; source is ``app``,
@@ -284,7 +277,7 @@ class RecordBuilder:
                     record["http_content_type"] = body.content_type
         agent = _first(attributes, "user_agent.original", "http.user_agent")
         if agent is not None:
-            record["user_agent"] = _cap_utf8(str(agent), _MAX_USER_AGENT_BYTES)
+            record["user_agent"] = truncate_utf8(str(agent), _MAX_USER_AGENT_BYTES)[0]
         if span.start_time and span.end_time:
             record["duration_ms"] = round((span.end_time - span.start_time) / 1e6, 3)
         service = span.resource.attributes.get("service.name") if span.resource else None

@@ -154,12 +154,16 @@ def open_scope(span: Any) -> Optional[RequestScope]:
     return scope
 
 
-def clean_user(user: object) -> str:
-    """Make an identity safe to store: a string, one line, at most 256 characters."""
-    text = str(user)
+def one_line(text: str, limit: int) -> str:
+    """``text`` without control characters or line separators, at most ``limit`` characters."""
     if _UNSAFE.search(text):
         text = " ".join(_UNSAFE.sub(" ", text).split())
-    return text[:_MAX_USER_CHARS]
+    return text[:limit]
+
+
+def clean_user(user: object) -> str:
+    """Make an identity safe to store: a string, one line, at most 256 characters."""
+    return one_line(str(user), _MAX_USER_CHARS)
 
 
 def set_user(user: Optional[str]) -> None:

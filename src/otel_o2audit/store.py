@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Deque, List, Optional, Protocol, Sequence
 
 from .record import AuditRecord
@@ -27,7 +27,6 @@ class Batch:
     records: List[AuditRecord]
     token: Any = None
     replay: bool = False  # records of an earlier process or run, read back from the spool
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Store(Protocol):
